@@ -1,0 +1,137 @@
+//! Command line: the worker and the admin subcommands (run them with `kubectl exec` or as a
+//! Job; there is no HTTP admin port). Configuration comes only from the environment.
+
+use crate::config::{Config, help_table};
+use crate::mailbox::Mailbox;
+use crate::telemetry::Counters;
+use clap::{Args, Parser, Subcommand};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gmail-sync",
+    version,
+    about = "Keeps Gmail mailboxes in sync through Gmail push notifications (Pub/Sub StreamingPull → history sync → Redis).",
+    after_help = help_table()
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the worker until SIGTERM/SIGINT.
+    Run,
+    /// Manage mailboxes.
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
+    /// Exec probe: exit 0 if the worker in this pod is alive (--live) or ready (--ready).
+    Health(HealthArgs),
+    /// Validate the configuration and print it (secrets redacted).
+    CheckConfig,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MailboxCommand {
+    /// Watch a mailbox (users.watch on GMAIL_SYNC_TOPIC) and store its baseline cursor. Idempotent.
+    Add {
+        /// Gmail addresses.
+        #[arg(required = true)]
+        emails: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct HealthArgs {
+    #[arg(long)]
+    pub live: bool,
+    #[arg(long)]
+    pub ready: bool,
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub async fn execute(cli: Cli) -> i32 {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gmail-sync: {e}");
+            eprintln!("(run `gmail-sync --help` for the list of environment variables)");
+            return 2;
+        }
+    };
+    match cli.command {
+        Command::Health(args) => {
+            match crate::health::Health::new(&config.health_dir).probe(args.ready) {
+                Ok(()) => 0,
+                Err(why) => {
+                    eprintln!("unhealthy: {why}");
+                    1
+                }
+            }
+        }
+        Command::CheckConfig => {
+            println!("{config:#?}");
+            0
+        }
+        Command::Run => {
+            crate::telemetry::init_logging();
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            match crate::app::run(config, shutdown, Arc::new(Counters::default())).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "gmail-sync stopped on an error");
+                    1
+                }
+            }
+        }
+        Command::Mailbox(MailboxCommand::Add { emails }) => {
+            crate::telemetry::init_logging();
+            match add_mailboxes(&config, &emails).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("gmail-sync: {e:#}");
+                    1
+                }
+            }
+        }
+    }
+}
+
+async fn add_mailboxes(config: &Config, emails: &[String]) -> anyhow::Result<()> {
+    let topic = config.require_topic()?;
+    let mailboxes = emails
+        .iter()
+        .map(|e| Mailbox::parse(e).map_err(|err| anyhow::anyhow!("{e:?}: {err}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let store = crate::app::connect_store(config).await?;
+    let gmail = crate::app::gmail_client(config, Arc::new(Counters::default()))?;
+    for m in &mailboxes {
+        let r = crate::registry::add_mailbox(&gmail, &store, topic, m).await?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both start a graceful shutdown; a second signal
+/// is not special-cased: the drain is already bounded by GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+}

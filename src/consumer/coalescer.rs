@@ -1,0 +1,533 @@
+//! The coalescer: a small synchronous state machine deciding, per mailbox, when to sync and
+//! which notifications to ack, retry or give back. It does no IO; the dispatcher feeds it
+//! events and carries out the [`Effect`]s it returns, which keeps every ack decision testable
+//! without Pub/Sub.
+//!
+//! Rules (design.md §3, "Coalescing"):
+//! - at most one sync per mailbox at a time in this process; notifications that arrive meanwhile
+//!   wait for it;
+//! - a notification is acked only when a committed cursor ≥ its historyId is known (I1);
+//! - waiters that arrived during a sync and are not covered by it get a new sync at once;
+//!   waiters the sync already saw and still not covered (Gmail delivered the notification before
+//!   history showed the change) are retried after a delay, a bounded number of times, then
+//!   nacked so Pub/Sub redelivers them later;
+//! - another worker holding the lease: poll the cursor again shortly (it will usually pass the
+//!   waiters' historyIds), bounded, then nack;
+//! - retryable failures back off; permanent ones were recorded on the mailbox, whose
+//!   notifications are then acked (its cursor is kept, nothing is lost).
+
+use crate::history_id::HistoryId;
+use crate::mailbox::Mailbox;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::time::{Duration, SystemTime};
+
+/// Something that can be acked. Dropping it without `ack` gives the message back (nack), as
+/// the Pub/Sub `Handler` does.
+pub trait Ack: Send + 'static {
+    fn ack(self);
+}
+
+impl Ack for google_cloud_pubsub::subscriber::handler::Handler {
+    fn ack(self) {
+        google_cloud_pubsub::subscriber::handler::Handler::ack(self)
+    }
+}
+
+/// A notification waiting for a committed cursor.
+pub struct Waiter<A> {
+    pub history_id: HistoryId,
+    pub ack: A,
+    /// Pub/Sub publish time, for the publish → ack latency.
+    pub published: Option<SystemTime>,
+    /// A sync started after this waiter arrived (so its result speaks for it).
+    seen_by_sync: bool,
+}
+
+impl<A> Waiter<A> {
+    pub fn new(history_id: HistoryId, ack: A, published: Option<SystemTime>) -> Waiter<A> {
+        Waiter {
+            history_id,
+            ack,
+            published,
+            seen_by_sync: false,
+        }
+    }
+}
+
+/// Why waiters are acked (for the counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckReason {
+    /// The cursor already covered them; no Gmail call was needed for them.
+    AlreadyCovered,
+    /// A sync of this process committed past them.
+    Synced,
+    UnknownMailbox,
+    /// The mailbox needs attention (permanent error); its cursor is kept.
+    Disabled,
+}
+
+pub enum Effect<A> {
+    StartSync { mailbox: Mailbox, target: HistoryId },
+    RetryLater { mailbox: Mailbox, after: Duration },
+    Ack(Vec<Waiter<A>>, AckReason),
+    Nack(Vec<Waiter<A>>),
+}
+
+/// What a finished sync attempt means for the waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncReport {
+    /// The committed cursor is `cursor`; `called_gmail` says whether Gmail was read.
+    Covered {
+        cursor: HistoryId,
+        called_gmail: bool,
+    },
+    Busy {
+        cursor: HistoryId,
+    },
+    Unknown,
+    Disabled,
+    Retryable {
+        retry_after: Option<Duration>,
+    },
+    /// Shutdown cut the sync short.
+    Aborted,
+}
+
+#[derive(Clone, Debug)]
+pub struct CoalescerSettings {
+    /// Retries (not-yet-visible changes, retryable failures) before waiters are nacked.
+    pub max_retries: u32,
+    /// Lease-busy polls before waiters are nacked.
+    pub max_busy_polls: u32,
+    pub busy_poll: Duration,
+    pub not_visible_base: Duration,
+}
+
+impl Default for CoalescerSettings {
+    fn default() -> Self {
+        CoalescerSettings {
+            max_retries: 8,
+            max_busy_polls: 120,
+            busy_poll: Duration::from_millis(250),
+            not_visible_base: Duration::from_millis(500),
+        }
+    }
+}
+
+struct MailboxState<A> {
+    waiters: Vec<Waiter<A>>,
+    phase: Phase,
+    retries: u32,
+    busy_polls: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Syncing,
+    RetryScheduled,
+}
+
+pub struct Coalescer<A> {
+    mailboxes: HashMap<Mailbox, MailboxState<A>>,
+    settings: CoalescerSettings,
+    draining: bool,
+}
+
+impl<A: Ack> Coalescer<A> {
+    pub fn new(settings: CoalescerSettings) -> Coalescer<A> {
+        Coalescer {
+            mailboxes: HashMap::new(),
+            settings,
+            draining: false,
+        }
+    }
+
+    /// Mailboxes with a sync in flight.
+    pub fn syncing(&self) -> usize {
+        self.mailboxes
+            .values()
+            .filter(|m| m.phase == Phase::Syncing)
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mailboxes.is_empty()
+    }
+
+    pub fn on_notification(
+        &mut self,
+        mailbox: Mailbox,
+        mut waiter: Waiter<A>,
+        out: &mut Vec<Effect<A>>,
+    ) {
+        if self.draining {
+            out.push(Effect::Nack(vec![waiter]));
+            return;
+        }
+        match self.mailboxes.entry(mailbox) {
+            MapEntry::Occupied(mut e) => e.get_mut().waiters.push(waiter),
+            MapEntry::Vacant(e) => {
+                let target = waiter.history_id;
+                waiter.seen_by_sync = true;
+                let mailbox = e.key().clone();
+                e.insert(MailboxState {
+                    waiters: vec![waiter],
+                    phase: Phase::Syncing,
+                    retries: 0,
+                    busy_polls: 0,
+                });
+                out.push(Effect::StartSync { mailbox, target });
+            }
+        }
+    }
+
+    pub fn on_sync_done(
+        &mut self,
+        mailbox: &Mailbox,
+        report: SyncReport,
+        out: &mut Vec<Effect<A>>,
+    ) {
+        let Some(mut state) = self.mailboxes.remove(mailbox) else {
+            debug_assert!(
+                false,
+                "sync finished for a mailbox the coalescer does not track"
+            );
+            return;
+        };
+        debug_assert_eq!(state.phase, Phase::Syncing);
+        let retry_in = match report {
+            SyncReport::Unknown => {
+                out.push(Effect::Ack(state.waiters, AckReason::UnknownMailbox));
+                return;
+            }
+            SyncReport::Disabled => {
+                out.push(Effect::Ack(state.waiters, AckReason::Disabled));
+                return;
+            }
+            SyncReport::Aborted => {
+                out.push(Effect::Nack(state.waiters));
+                return;
+            }
+            SyncReport::Covered {
+                cursor,
+                called_gmail,
+            } => {
+                let reason = if called_gmail {
+                    AckReason::Synced
+                } else {
+                    AckReason::AlreadyCovered
+                };
+                ack_covered(&mut state.waiters, cursor, reason, out);
+                if state.waiters.is_empty() {
+                    return;
+                }
+                if state.waiters.iter().any(|w| w.seen_by_sync) {
+                    // The sync saw these and history did not reach them yet.
+                    state.retries += 1;
+                    if state.retries > self.settings.max_retries {
+                        out.push(Effect::Nack(state.waiters));
+                        return;
+                    }
+                    Some(exponential(self.settings.not_visible_base, state.retries))
+                } else {
+                    // All arrived during the sync: sync again now.
+                    state.retries = 0;
+                    None
+                }
+            }
+            SyncReport::Busy { cursor } => {
+                ack_covered(&mut state.waiters, cursor, AckReason::AlreadyCovered, out);
+                if state.waiters.is_empty() {
+                    return;
+                }
+                state.busy_polls += 1;
+                if state.busy_polls > self.settings.max_busy_polls {
+                    out.push(Effect::Nack(state.waiters));
+                    return;
+                }
+                Some(self.settings.busy_poll)
+            }
+            SyncReport::Retryable { retry_after } => {
+                state.retries += 1;
+                if state.retries > self.settings.max_retries {
+                    out.push(Effect::Nack(state.waiters));
+                    return;
+                }
+                let backoff = crate::gmail::backoff(state.retries, None);
+                Some(retry_after.map_or(backoff, |r| r.max(backoff)))
+            }
+        };
+        if self.draining {
+            out.push(Effect::Nack(state.waiters));
+            return;
+        }
+        match retry_in {
+            Some(after) => {
+                state.phase = Phase::RetryScheduled;
+                out.push(Effect::RetryLater {
+                    mailbox: mailbox.clone(),
+                    after,
+                });
+            }
+            None => out.push(start_sync(mailbox, &mut state)),
+        }
+        self.mailboxes.insert(mailbox.clone(), state);
+    }
+
+    pub fn on_retry_due(&mut self, mailbox: &Mailbox, out: &mut Vec<Effect<A>>) {
+        if let Some(state) = self.mailboxes.get_mut(mailbox)
+            && state.phase == Phase::RetryScheduled
+        {
+            out.push(start_sync(mailbox, state));
+        }
+    }
+
+    /// Shutdown: no new syncs. Waiters of mailboxes waiting for a retry are given back now;
+    /// those of syncs in flight are acked or given back when their sync ends.
+    pub fn start_draining(&mut self, out: &mut Vec<Effect<A>>) {
+        self.draining = true;
+        let waiting: Vec<Mailbox> = self
+            .mailboxes
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::RetryScheduled)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in waiting {
+            if let Some(state) = self.mailboxes.remove(&m) {
+                out.push(Effect::Nack(state.waiters));
+            }
+        }
+    }
+}
+
+fn start_sync<A>(mailbox: &Mailbox, state: &mut MailboxState<A>) -> Effect<A> {
+    state.phase = Phase::Syncing;
+    let mut target = HistoryId(0);
+    for w in &mut state.waiters {
+        w.seen_by_sync = true;
+        target = target.max(w.history_id);
+    }
+    Effect::StartSync {
+        mailbox: mailbox.clone(),
+        target,
+    }
+}
+
+fn ack_covered<A>(
+    waiters: &mut Vec<Waiter<A>>,
+    cursor: HistoryId,
+    reason: AckReason,
+    out: &mut Vec<Effect<A>>,
+) {
+    let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(waiters)
+        .into_iter()
+        .partition(|w| w.history_id <= cursor);
+    *waiters = rest;
+    if !covered.is_empty() {
+        out.push(Effect::Ack(covered, reason));
+    }
+}
+
+fn exponential(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1 << attempt.saturating_sub(1).min(5))
+        .min(Duration::from_secs(16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Records "ack:H" or "nack:H" when consumed.
+    struct Probe(u64, Arc<Mutex<Vec<String>>>, bool);
+
+    impl Ack for Probe {
+        fn ack(mut self) {
+            self.2 = true;
+            self.1.lock().unwrap().push(format!("ack:{}", self.0));
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            if !self.2 {
+                self.1.lock().unwrap().push(format!("nack:{}", self.0));
+            }
+        }
+    }
+
+    struct Bed {
+        c: Coalescer<Probe>,
+        log: Arc<Mutex<Vec<String>>>,
+        out: Vec<Effect<Probe>>,
+    }
+
+    impl Bed {
+        fn new() -> Bed {
+            Bed {
+                c: Coalescer::new(CoalescerSettings::default()),
+                log: Arc::default(),
+                out: Vec::new(),
+            }
+        }
+        fn notify(&mut self, m: &str, h: u64) {
+            let w = Waiter::new(HistoryId(h), Probe(h, self.log.clone(), false), None);
+            self.c
+                .on_notification(Mailbox::parse(m).unwrap(), w, &mut self.out);
+        }
+        fn done(&mut self, m: &str, r: SyncReport) {
+            self.c
+                .on_sync_done(&Mailbox::parse(m).unwrap(), r, &mut self.out);
+        }
+        /// Carries out the effects as the dispatcher would; returns a summary of syncs/retries.
+        fn apply(&mut self) -> Vec<String> {
+            let mut summary = Vec::new();
+            for e in self.out.drain(..) {
+                match e {
+                    Effect::StartSync { target, .. } => summary.push(format!("sync:{}", target.0)),
+                    Effect::RetryLater { .. } => summary.push("retry".into()),
+                    Effect::Ack(ws, _) => ws.into_iter().for_each(|w| w.ack.ack()),
+                    Effect::Nack(ws) => drop(ws),
+                }
+            }
+            summary
+        }
+        fn log(&self) -> Vec<String> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    fn covered(c: u64) -> SyncReport {
+        SyncReport::Covered {
+            cursor: HistoryId(c),
+            called_gmail: true,
+        }
+    }
+
+    #[test]
+    fn one_sync_per_mailbox_and_waiters_acked_together() {
+        let mut b = Bed::new();
+        b.notify("a@x.com", 10);
+        assert_eq!(b.apply(), vec!["sync:10"]);
+        b.notify("a@x.com", 12);
+        b.notify("a@x.com", 11);
+        assert!(b.apply().is_empty(), "no second sync while one runs");
+        b.done("a@x.com", covered(12));
+        assert!(b.apply().is_empty());
+        assert_eq!(b.log(), vec!["ack:10", "ack:12", "ack:11"]);
+        assert!(b.c.is_empty());
+    }
+
+    #[test]
+    fn late_arrivals_get_an_immediate_new_sync() {
+        let mut b = Bed::new();
+        b.notify("a@x.com", 10);
+        b.apply();
+        b.notify("a@x.com", 20);
+        b.done("a@x.com", covered(15));
+        assert_eq!(b.apply(), vec!["sync:20"]);
+        assert_eq!(b.log(), vec!["ack:10"]);
+    }
+
+    #[test]
+    fn not_yet_visible_is_retried_then_nacked_never_acked() {
+        let mut b = Bed::new();
+        let m = Mailbox::parse("a@x.com").unwrap();
+        b.notify("a@x.com", 50);
+        b.apply();
+        for _ in 0..CoalescerSettings::default().max_retries {
+            b.done("a@x.com", covered(40));
+            assert_eq!(b.apply(), vec!["retry"]);
+            b.c.on_retry_due(&m, &mut b.out);
+            assert_eq!(b.apply(), vec!["sync:50"]);
+        }
+        b.done("a@x.com", covered(40));
+        b.apply();
+        assert_eq!(b.log(), vec!["nack:50"]);
+        assert!(b.c.is_empty());
+    }
+
+    #[test]
+    fn busy_lease_polls_and_acks_when_the_other_worker_commits() {
+        let mut b = Bed::new();
+        let m = Mailbox::parse("a@x.com").unwrap();
+        b.notify("a@x.com", 30);
+        b.apply();
+        b.done(
+            "a@x.com",
+            SyncReport::Busy {
+                cursor: HistoryId(20),
+            },
+        );
+        assert_eq!(b.apply(), vec!["retry"]);
+        assert!(
+            b.log().is_empty(),
+            "nothing acked while the cursor is behind"
+        );
+        b.c.on_retry_due(&m, &mut b.out);
+        assert_eq!(b.apply(), vec!["sync:30"]);
+        b.done(
+            "a@x.com",
+            SyncReport::Covered {
+                cursor: HistoryId(35),
+                called_gmail: false,
+            },
+        );
+        b.apply();
+        assert_eq!(b.log(), vec!["ack:30"]);
+    }
+
+    #[test]
+    fn unknown_and_disabled_mailboxes_are_acked_failures_back_off() {
+        let mut b = Bed::new();
+        b.notify("u@x.com", 1);
+        b.notify("d@x.com", 2);
+        b.notify("f@x.com", 3);
+        b.apply();
+        b.done("u@x.com", SyncReport::Unknown);
+        b.done("d@x.com", SyncReport::Disabled);
+        b.done(
+            "f@x.com",
+            SyncReport::Retryable {
+                retry_after: Some(Duration::from_secs(3)),
+            },
+        );
+        let effects: Vec<_> = b
+            .out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::RetryLater { after, .. } => Some(*after),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(effects.len(), 1);
+        assert!(effects[0] >= Duration::from_secs(3), "Retry-After honoured");
+        b.apply();
+        assert_eq!(b.log(), vec!["ack:1", "ack:2"]);
+    }
+
+    #[test]
+    fn draining_gives_back_waiting_and_uncovered_waiters() {
+        let mut b = Bed::new();
+        let m = Mailbox::parse("r@x.com").unwrap();
+        b.notify("r@x.com", 5);
+        b.notify("s@x.com", 7);
+        b.apply();
+        b.done("r@x.com", SyncReport::Retryable { retry_after: None });
+        b.apply();
+        b.notify("s@x.com", 9);
+        b.c.start_draining(&mut b.out);
+        b.apply();
+        assert_eq!(b.log(), vec!["nack:5"]);
+        b.done("s@x.com", covered(7));
+        b.apply();
+        assert_eq!(b.log(), vec!["ack:7", "nack:9"]);
+        b.c.on_retry_due(&m, &mut b.out);
+        assert!(b.apply().is_empty());
+        b.notify("t@x.com", 1);
+        b.apply();
+        assert_eq!(b.log(), vec!["nack:1"]);
+        assert!(b.c.is_empty());
+    }
+}

@@ -1,0 +1,109 @@
+//! Connecting to Pub/Sub: clients, the startup check, and the stream settings.
+//!
+//! The StreamingPull client retries transient failures forever, so an unreachable endpoint, a
+//! missing subscription or unusable credentials would look like a silent hang. Before pulling
+//! we therefore read the subscription once through the admin API (same endpoint, same
+//! credentials) with a deadline, and fail startup with a clear message.
+
+use crate::config::{ConsumerSettings, PubSubEndpoint};
+use google_cloud_auth::credentials::Credentials;
+use google_cloud_pubsub::client::{Subscriber, SubscriptionAdmin};
+use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("cannot build Pub/Sub credentials: {0}")]
+    Credentials(String),
+    #[error("cannot create the Pub/Sub client: {0}")]
+    Client(String),
+    #[error(
+        "subscription {subscription} is not usable: {detail} (check GMAIL_SYNC_SUBSCRIPTION, that the \
+         subscription exists, and that the credentials may subscribe to it)"
+    )]
+    Unusable {
+        subscription: String,
+        detail: String,
+    },
+    #[error(
+        "no answer from Pub/Sub within {0:?} (check network access, PUBSUB_EMULATOR_HOST, and credentials)"
+    )]
+    Timeout(Duration),
+}
+
+fn credentials(endpoint: &PubSubEndpoint) -> Result<Credentials, SubscriptionError> {
+    match endpoint {
+        PubSubEndpoint::Emulator(_) => {
+            Ok(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        }
+        // Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS, gcloud's user file, or
+        // the metadata server (Workload Identity on GKE).
+        PubSubEndpoint::Google => google_cloud_auth::credentials::Builder::default()
+            .build()
+            .map_err(|e| SubscriptionError::Credentials(e.to_string())),
+    }
+}
+
+/// Checks that `subscription` exists and is readable with our credentials, within `deadline`.
+pub async fn check(
+    endpoint: &PubSubEndpoint,
+    subscription: &str,
+    deadline: Duration,
+) -> Result<(), SubscriptionError> {
+    let mut builder = SubscriptionAdmin::builder().with_credentials(credentials(endpoint)?);
+    if let PubSubEndpoint::Emulator(url) = endpoint {
+        builder = builder.with_endpoint(url.clone());
+    }
+    let check = async {
+        let admin = builder
+            .build()
+            .await
+            .map_err(|e| SubscriptionError::Client(e.to_string()))?;
+        admin
+            .get_subscription()
+            .set_subscription(subscription)
+            .send()
+            .await
+            .map_err(|e| SubscriptionError::Unusable {
+                subscription: subscription.to_string(),
+                detail: e.to_string(),
+            })
+    };
+    match tokio::time::timeout(deadline, check).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SubscriptionError::Timeout(deadline)),
+    }
+}
+
+/// Opens the StreamingPull stream.
+///
+/// Lease settings: the client extends every outstanding message every few seconds by
+/// `ack_extension` (also the stream's ack deadline), so a crashed worker's messages return after
+/// at most that long; 60 s by default keeps modack traffic low. `max_lease` bounds how long a
+/// message may wait in the coalescer (busy lease, not-yet-visible retries) before Pub/Sub may
+/// redeliver it; 10 minutes is far above any sync. Flow control bounds memory per process;
+/// the concurrency of syncs is bounded separately by a semaphore.
+pub async fn open(
+    endpoint: &PubSubEndpoint,
+    subscription: &str,
+    settings: &ConsumerSettings,
+) -> Result<MessageStream, SubscriptionError> {
+    let mut builder = Subscriber::builder().with_credentials(credentials(endpoint)?);
+    if let PubSubEndpoint::Emulator(url) = endpoint {
+        builder = builder.with_endpoint(url.clone());
+    }
+    let client = builder
+        .build()
+        .await
+        .map_err(|e| SubscriptionError::Client(e.to_string()))?;
+    Ok(client
+        .subscribe(subscription)
+        .set_max_lease_extension(settings.ack_extension)
+        .set_max_lease(settings.max_lease)
+        .set_max_outstanding_messages(settings.max_outstanding_messages)
+        // Our dispatcher acks or drops every handler before it shuts the stream down, so
+        // waiting for processing only flushes the pending acks.
+        .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+        .build())
+}

@@ -1,0 +1,468 @@
+//! A small typed Gmail REST client for the six endpoints gmail-sync uses.
+//!
+//! Why not the generated `google-gmail1` crate: it brings a second HTTP stack (hyper-util's
+//! legacy client, ring), while this client shares reqwest 0.13 and rustls/aws-lc-rs with
+//! google-cloud-auth, and gives full control of retries and of the base URL (tests point it at
+//! the simulator).
+//!
+//! Every call goes through [`GmailClient::call`], which classifies errors ([`GmailError`]) and
+//! retries what is retryable with jittered exponential backoff that honours `Retry-After`.
+
+pub mod wire;
+
+use crate::auth::{AccessToken, AuthError, TokenSource};
+use crate::config::GmailSettings;
+use crate::history_id::HistoryId;
+use crate::mailbox::Mailbox;
+use crate::telemetry::Counters;
+use rand::Rng;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+use wire::{ErrorBody, HistoryPage, MessageList, Profile, WatchResponse};
+
+/// The Gmail methods used, with their quota cost in units (reference/apis.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    GetProfile,
+    HistoryList,
+    MessagesList,
+    Watch,
+    Stop,
+}
+
+impl Method {
+    pub fn quota_units(self) -> u64 {
+        match self {
+            Method::GetProfile => 1,
+            Method::HistoryList => 2,
+            Method::MessagesList => 5,
+            Method::Watch => 100,
+            Method::Stop => 50,
+        }
+    }
+}
+
+/// What went wrong, and therefore what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GmailError {
+    /// `history.list` answered 404: the cursor is older than Gmail's history. Full resync.
+    #[error("history before the cursor is no longer available (404)")]
+    HistoryGone,
+    /// 429, or 403 `rateLimitExceeded` / `userRateLimitExceeded` / `dailyLimitExceeded`.
+    #[error("rate limited ({status} {reason})")]
+    RateLimited {
+        status: u16,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// 5xx, timeouts, connection failures.
+    #[error("transient failure: {detail}")]
+    Transient {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    /// 401 again after refreshing the token: the user must re-consent.
+    #[error("unauthorized (401) even with a fresh token")]
+    Unauthorized,
+    /// 400, 403 `domainPolicy` / `insufficientPermissions`, 404 outside history, ...
+    #[error("permanent failure ({status} {reason}): {message}")]
+    Permanent {
+        status: u16,
+        reason: String,
+        message: String,
+    },
+    #[error("token: {0}")]
+    Auth(#[from] AuthError),
+}
+
+impl GmailError {
+    /// Worth trying again later (after backoff)?
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            GmailError::RateLimited { .. } | GmailError::Transient { .. } => true,
+            GmailError::Auth(e) => e.is_retryable(),
+            GmailError::HistoryGone | GmailError::Unauthorized | GmailError::Permanent { .. } => {
+                false
+            }
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GmailError::RateLimited { retry_after, .. }
+            | GmailError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GmailClient {
+    http: reqwest::Client,
+    base: String,
+    tokens: Arc<dyn TokenSource>,
+    max_attempts: u32,
+    counters: Arc<Counters>,
+}
+
+impl GmailClient {
+    pub fn new(
+        settings: &GmailSettings,
+        tokens: Arc<dyn TokenSource>,
+        counters: Arc<Counters>,
+    ) -> anyhow::Result<GmailClient> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("gmail-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(GmailClient {
+            http,
+            base: format!("{}/gmail/v1/users", settings.api_url),
+            tokens,
+            max_attempts: settings.max_attempts,
+            counters,
+        })
+    }
+
+    fn user_url(&self, mailbox: &Mailbox, rest: &str) -> String {
+        // Mailbox::parse refuses characters that would need escaping in a path segment except
+        // '+', '/', '%', '?', '#': escape those few.
+        let mut user = String::with_capacity(mailbox.as_str().len());
+        for c in mailbox.as_str().chars() {
+            match c {
+                '/' => user.push_str("%2F"),
+                '?' => user.push_str("%3F"),
+                '#' => user.push_str("%23"),
+                '%' => user.push_str("%25"),
+                c => user.push(c),
+            }
+        }
+        format!("{}/{}/{}", self.base, user, rest)
+    }
+
+    /// One page of `users.history.list`, all four record kinds, chronological.
+    pub async fn history_page(
+        &self,
+        mailbox: &Mailbox,
+        start: HistoryId,
+        page_token: Option<&str>,
+        page_size: u32,
+    ) -> Result<HistoryPage, GmailError> {
+        let url = self.user_url(mailbox, "history");
+        let start = start.to_string();
+        let size = page_size.to_string();
+        let result = self
+            .call(Method::HistoryList, mailbox, |http| {
+                let mut q: Vec<(&str, &str)> =
+                    vec![("startHistoryId", &start), ("maxResults", &size)];
+                if let Some(t) = page_token {
+                    q.push(("pageToken", t));
+                }
+                http.get(&url).query(&q)
+            })
+            .await;
+        match result {
+            Err(GmailError::Permanent { status: 404, .. }) => Err(GmailError::HistoryGone),
+            other => other,
+        }
+    }
+
+    pub async fn profile(&self, mailbox: &Mailbox) -> Result<Profile, GmailError> {
+        let url = self.user_url(mailbox, "profile");
+        self.call(Method::GetProfile, mailbox, |http| http.get(&url))
+            .await
+    }
+
+    /// One page of `users.messages.list` (ids and thread ids, newest first).
+    pub async fn list_messages(
+        &self,
+        mailbox: &Mailbox,
+        page_token: Option<&str>,
+        max_results: u32,
+    ) -> Result<MessageList, GmailError> {
+        let url = self.user_url(mailbox, "messages");
+        let size = max_results.to_string();
+        self.call(Method::MessagesList, mailbox, |http| {
+            let mut q: Vec<(&str, &str)> = vec![("maxResults", &size)];
+            if let Some(t) = page_token {
+                q.push(("pageToken", t));
+            }
+            http.get(&url).query(&q)
+        })
+        .await
+    }
+
+    /// `users.watch` on the whole mailbox (label-scoped watches miss replies).
+    pub async fn watch(&self, mailbox: &Mailbox, topic: &str) -> Result<WatchResponse, GmailError> {
+        let url = self.user_url(mailbox, "watch");
+        let body = serde_json::json!({ "topicName": topic });
+        self.call(Method::Watch, mailbox, |http| http.post(&url).json(&body))
+            .await
+    }
+
+    pub async fn stop(&self, mailbox: &Mailbox) -> Result<(), GmailError> {
+        let url = self.user_url(mailbox, "stop");
+        self.call::<serde_json::Value>(Method::Stop, mailbox, |http| {
+            http.post(&url).header(reqwest::header::CONTENT_LENGTH, "0")
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Sends the request built by `build`, with the mailbox's token, retrying retryable errors
+    /// up to `max_attempts` times and refreshing the token once on 401.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        mailbox: &Mailbox,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<T, GmailError> {
+        let mut refreshed = false;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let token = self.tokens.token(mailbox).await?;
+            let outcome = self.send_once::<T>(method, &build, &token).await;
+            let err = match outcome {
+                Ok(v) => return Ok(v),
+                Err(Attempt::Unauthorized) if !refreshed => {
+                    // The token may have expired between cache check and use: refresh once.
+                    refreshed = true;
+                    self.tokens.invalidate(mailbox, &token);
+                    attempt -= 1;
+                    continue;
+                }
+                Err(Attempt::Unauthorized) => return Err(GmailError::Unauthorized),
+                Err(Attempt::Failed(e)) => e,
+            };
+            if !err.is_retryable() || attempt >= self.max_attempts {
+                return Err(err);
+            }
+            let delay = backoff(attempt, err.retry_after());
+            tracing::debug!(method = ?method, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying Gmail call");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn send_once<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        build: &impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+        token: &AccessToken,
+    ) -> Result<T, Attempt> {
+        Counters::inc(&self.counters.gmail_calls);
+        Counters::add(&self.counters.gmail_quota_units, method.quota_units());
+        let response = build(&self.http)
+            .header(reqwest::header::AUTHORIZATION, token.bearer_value())
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                Counters::inc(&self.counters.gmail_transient_errors);
+                // reqwest errors name the URL (mailbox address, no token): fine to keep.
+                return Err(Attempt::Failed(GmailError::Transient {
+                    detail: e.without_url().to_string(),
+                    retry_after: None,
+                }));
+            }
+        };
+        let status = response.status();
+        if status.is_success() {
+            let bytes = response.bytes().await.map_err(|e| {
+                Attempt::Failed(GmailError::Transient {
+                    detail: format!("reading body: {}", e.without_url()),
+                    retry_after: None,
+                })
+            })?;
+            // An empty body (users.stop answers 204) decodes as JSON null.
+            let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(bytes).map_err(|e| {
+                Attempt::Failed(GmailError::Permanent {
+                    status: status.as_u16(),
+                    reason: "undecodableResponse".into(),
+                    message: e.to_string(),
+                })
+            });
+        }
+        let header_retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after_header);
+        let body = response.bytes().await.unwrap_or_default();
+        let detail = serde_json::from_slice::<ErrorBody>(&body)
+            .unwrap_or_default()
+            .error;
+        let err = classify(status, detail.reason(), &detail.message, header_retry_after);
+        match &err {
+            None => return Err(Attempt::Unauthorized),
+            Some(GmailError::RateLimited { .. }) => {
+                Counters::inc(&self.counters.gmail_rate_limited)
+            }
+            Some(GmailError::Transient { .. }) => {
+                Counters::inc(&self.counters.gmail_transient_errors)
+            }
+            _ => {}
+        }
+        Err(Attempt::Failed(err.expect("None returned above")))
+    }
+}
+
+enum Attempt {
+    Unauthorized,
+    Failed(GmailError),
+}
+
+/// Maps an error response to what to do. `None` = 401 (refresh the token).
+fn classify(
+    status: StatusCode,
+    reason: &str,
+    message: &str,
+    header_retry_after: Option<Duration>,
+) -> Option<GmailError> {
+    let retry_after = header_retry_after.or_else(|| retry_after_in_message(message));
+    let s = status.as_u16();
+    Some(match s {
+        401 => return None,
+        429 => GmailError::RateLimited {
+            status: s,
+            reason: if reason.is_empty() {
+                "tooManyRequests".into()
+            } else {
+                reason.into()
+            },
+            retry_after,
+        },
+        403 if matches!(
+            reason,
+            "rateLimitExceeded" | "userRateLimitExceeded" | "dailyLimitExceeded" | "quotaExceeded"
+        ) =>
+        {
+            GmailError::RateLimited {
+                status: s,
+                reason: reason.into(),
+                retry_after,
+            }
+        }
+        408 | 500..=599 => GmailError::Transient {
+            detail: format!("HTTP {s} {reason}"),
+            retry_after,
+        },
+        _ => GmailError::Permanent {
+            status: s,
+            reason: reason.into(),
+            message: message.chars().take(300).collect(),
+        },
+    })
+}
+
+/// `Retry-After: <seconds>` or `Retry-After: <HTTP-date>`.
+fn parse_retry_after_header(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Gmail's 429 messages may say "Retry after 2026-11-22T08:00:00.000Z".
+fn retry_after_in_message(message: &str) -> Option<Duration> {
+    let idx = message.find("Retry after ")?;
+    let rest = &message[idx + "Retry after ".len()..];
+    let stamp = rest.split_whitespace().next()?.trim_end_matches(['.', ',']);
+    let at =
+        time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
+    let now = time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
+}
+
+/// Full-jitter exponential backoff (250 ms × 2^(attempt-1), capped at 32 s), never shorter
+/// than what the server asked for (capped at 5 minutes).
+pub fn backoff(attempt: u32, server_asked: Option<Duration>) -> Duration {
+    let cap = Duration::from_millis(250)
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(7))
+        .min(Duration::from_secs(32));
+    let jittered = rand::rng().random_range(Duration::ZERO..=cap);
+    match server_asked {
+        Some(asked) => jittered.max(asked.min(Duration::from_secs(300))),
+        None => jittered.max(Duration::from_millis(50)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let c = |s: u16, reason: &str| classify(StatusCode::from_u16(s).unwrap(), reason, "", None);
+        assert!(c(401, "authError").is_none());
+        assert!(matches!(c(429, ""), Some(GmailError::RateLimited { .. })));
+        assert!(matches!(
+            c(403, "userRateLimitExceeded"),
+            Some(GmailError::RateLimited { .. })
+        ));
+        assert!(matches!(
+            c(403, "rateLimitExceeded"),
+            Some(GmailError::RateLimited { .. })
+        ));
+        assert!(matches!(
+            c(403, "domainPolicy"),
+            Some(GmailError::Permanent { .. })
+        ));
+        assert!(matches!(
+            c(403, "insufficientPermissions"),
+            Some(GmailError::Permanent { .. })
+        ));
+        assert!(matches!(
+            c(503, "backendError"),
+            Some(GmailError::Transient { .. })
+        ));
+        assert!(matches!(
+            c(400, "badRequest"),
+            Some(GmailError::Permanent { .. })
+        ));
+        assert!(c(429, "").unwrap().is_retryable());
+        assert!(!c(403, "domainPolicy").unwrap().is_retryable());
+    }
+
+    #[test]
+    fn retry_after_sources() {
+        assert_eq!(parse_retry_after_header("7"), Some(Duration::from_secs(7)));
+        let future = time::OffsetDateTime::now_utc() + time::Duration::seconds(90);
+        let msg = format!(
+            "User-rate limit exceeded.  Retry after {}",
+            future
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        );
+        let d = retry_after_in_message(&msg).unwrap();
+        assert!(
+            d > Duration::from_secs(80) && d <= Duration::from_secs(90),
+            "{d:?}"
+        );
+        let e = classify(StatusCode::TOO_MANY_REQUESTS, "", &msg, None).unwrap();
+        assert!(e.retry_after().is_some());
+    }
+
+    #[test]
+    fn backoff_honours_server_and_caps() {
+        for attempt in 1..20 {
+            let d = backoff(attempt, None);
+            assert!(d <= Duration::from_secs(32));
+            assert!(backoff(attempt, Some(Duration::from_secs(40))) >= Duration::from_secs(40));
+        }
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(3600))),
+            Duration::from_secs(300)
+        );
+    }
+}

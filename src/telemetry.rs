@@ -1,0 +1,311 @@
+//! Logs and counters. No port: everything leaves the process as JSON lines on stdout.
+//!
+//! Log lines carry the field names Cloud Logging reads (`severity`, `message`, `time`) plus the
+//! event's fields and the fields of every enclosing span (so the per-sync span's mailbox and
+//! historyIds appear on each line logged inside it).
+
+use serde_json::{Map, Value};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Installs the JSON logger on stdout, filtered by `RUST_LOG` (default `info`).
+/// Safe to call more than once (tests run several workers in one process): later calls no-op.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .fmt_fields(JsonFields::new())
+        .event_format(CloudLoggingJson)
+        .with_writer(std::io::stdout)
+        .try_init();
+}
+
+/// One JSON object per line: `severity`, `message`, `time`, `target`, event fields, span fields.
+pub struct CloudLoggingJson;
+
+impl<S, N> FormatEvent<S, N> for CloudLoggingJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut obj = Map::new();
+        let severity = match *event.metadata().level() {
+            Level::ERROR => "ERROR",
+            Level::WARN => "WARNING",
+            Level::INFO => "INFO",
+            Level::DEBUG | Level::TRACE => "DEBUG",
+        };
+        obj.insert("severity".into(), severity.into());
+        let now = time::OffsetDateTime::now_utc();
+        let time = now
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        obj.insert("time".into(), time.into());
+        obj.insert("target".into(), event.metadata().target().into());
+        // Outer spans first so inner spans and the event itself win on a name clash.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>()
+                    && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&fields.fields)
+                {
+                    obj.extend(map);
+                }
+                obj.insert("span".into(), span.name().into());
+            }
+        }
+        let mut visitor = JsonVisitor(&mut obj);
+        event.record(&mut visitor);
+        if !obj.contains_key("message") {
+            obj.insert("message".into(), Value::String(String::new()));
+        }
+        let line = serde_json::to_string(&obj).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{line}")
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl tracing::field::Visit for JsonVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), Value::String(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Process-wide counters, reported by the periodic summary line and read by tests, the
+        /// demo and the benchmark. Relaxed atomics: each counter is independent.
+        #[derive(Default, Debug)]
+        pub struct Counters {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// publish → ack latency of acked notifications.
+            pub ack_latency: LatencyHistogram,
+        }
+
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub struct CountersSnapshot {
+            $( pub $name: u64, )*
+        }
+
+        impl Counters {
+            pub fn snapshot(&self) -> CountersSnapshot {
+                CountersSnapshot { $( $name: self.$name.load(Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Messages handed to the worker by the subscriber.
+    received,
+    /// Malformed messages acked and copied to the quarantine stream.
+    quarantined,
+    /// Notifications for mailboxes that are not registered (acked).
+    unknown_mailbox,
+    /// Notifications for mailboxes marked as needing attention (acked; cursor kept).
+    disabled_mailbox,
+    /// Notifications acked because the cursor already covered them (no Gmail call).
+    acked_without_work,
+    /// Notifications acked after a sync of this process committed past them.
+    acked_after_sync,
+    /// Notifications given back to Pub/Sub (nack) for redelivery.
+    nacked,
+    /// Syncs that called Gmail and committed.
+    syncs,
+    /// Full resyncs after Gmail answered 404 for the cursor.
+    resyncs,
+    /// Change entries written to the change streams.
+    changes_written,
+    /// Pages of users.history.list read.
+    history_pages,
+    /// Sync attempts that found another worker holding the mailbox lease.
+    lease_busy,
+    /// Syncs that ended with a retryable error.
+    sync_errors_retryable,
+    /// Syncs that ended with a permanent error (mailbox marked as needing attention).
+    sync_errors_permanent,
+    /// Gmail HTTP requests sent (including retries).
+    gmail_calls,
+    /// Gmail quota units spent (per reference/apis.md costs).
+    gmail_quota_units,
+    /// Gmail answers 429 / 403 rate limits.
+    gmail_rate_limited,
+    /// Gmail 5xx, timeouts and connection failures.
+    gmail_transient_errors,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// Log-bucketed latency histogram (4 buckets per power of two, about ±10% resolution):
+/// constant memory whatever the traffic.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; 160],
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(us: u64) -> usize {
+        if us < 4 {
+            return us as usize;
+        }
+        let log2 = 63 - us.leading_zeros() as usize;
+        let frac = ((us >> (log2 - 2)) & 0b11) as usize;
+        (log2 * 4 + frac).min(159)
+    }
+
+    fn bucket_floor(i: usize) -> u64 {
+        if i < 4 {
+            return i as u64;
+        }
+        let (log2, frac) = (i / 4, (i % 4) as u64);
+        (1u64 << log2) + (frac << (log2 - 2))
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.buckets[Self::bucket(us)].fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// The lower bound of the bucket holding quantile `q` (0.0-1.0), or None if empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Duration::from_micros(Self::bucket_floor(i)));
+            }
+        }
+        None
+    }
+}
+
+/// Logs one summary line every `every` until `stop`.
+pub async fn log_summaries(
+    counters: std::sync::Arc<Counters>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => log_summary(&counters, "summary"),
+        }
+    }
+}
+
+/// One line with every counter and the publish → ack latency quantiles.
+pub fn log_summary(counters: &Counters, message: &str) {
+    let s = counters.snapshot();
+    let ms = |q| {
+        counters
+            .ack_latency
+            .quantile(q)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    tracing::info!(
+        received = s.received,
+        acked_without_work = s.acked_without_work,
+        acked_after_sync = s.acked_after_sync,
+        nacked = s.nacked,
+        quarantined = s.quarantined,
+        unknown_mailbox = s.unknown_mailbox,
+        disabled_mailbox = s.disabled_mailbox,
+        syncs = s.syncs,
+        resyncs = s.resyncs,
+        changes_written = s.changes_written,
+        history_pages = s.history_pages,
+        lease_busy = s.lease_busy,
+        sync_errors_retryable = s.sync_errors_retryable,
+        sync_errors_permanent = s.sync_errors_permanent,
+        gmail_calls = s.gmail_calls,
+        gmail_quota_units = s.gmail_quota_units,
+        gmail_rate_limited = s.gmail_rate_limited,
+        gmail_transient_errors = s.gmail_transient_errors,
+        ack_latency_p50_ms = ms(0.5),
+        ack_latency_p99_ms = ms(0.99),
+        "{message}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_close() {
+        let h = LatencyHistogram::default();
+        for ms in 1..=100u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5).unwrap().as_micros() as f64;
+        let p99 = h.quantile(0.99).unwrap().as_micros() as f64;
+        assert!((40_000.0..=50_000.0).contains(&p50), "{p50}");
+        assert!((80_000.0..=99_000.0).contains(&p99), "{p99}");
+        assert_eq!(h.count(), 100);
+    }
+
+    #[test]
+    fn bucket_floor_is_inverse_of_bucket() {
+        for i in 0..150 {
+            assert_eq!(
+                LatencyHistogram::bucket(LatencyHistogram::bucket_floor(i)),
+                i
+            );
+        }
+    }
+}
