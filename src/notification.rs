@@ -31,27 +31,21 @@ pub enum Malformed {
     BadEmail(String),
 }
 
-#[derive(serde::Deserialize)]
-struct Wire {
-    #[serde(rename = "emailAddress")]
-    email_address: Option<serde_json::Value>,
-    #[serde(rename = "historyId")]
-    history_id: Option<serde_json::Value>,
-}
-
 pub fn decode(data: &[u8]) -> Result<Notification, Malformed> {
     if data.len() > MAX_NOTIFICATION_BYTES {
         return Err(Malformed::Oversize(data.len()));
     }
-    let wire: Wire = serde_json::from_slice(data).map_err(|e| Malformed::NotJson(e.to_string()))?;
-    let email = match wire.email_address {
+    // An object is required (serde would also map a JSON array onto a struct).
+    let mut wire: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(data).map_err(|e| Malformed::NotJson(e.to_string()))?;
+    let email = match wire.remove("emailAddress") {
         None | Some(serde_json::Value::Null) => {
             return Err(Malformed::MissingField("emailAddress"));
         }
         Some(serde_json::Value::String(s)) => s,
         Some(other) => return Err(Malformed::BadEmail(format!("not a string: {other}"))),
     };
-    let history_id = match wire.history_id {
+    let history_id = match wire.remove("historyId") {
         None | Some(serde_json::Value::Null) => return Err(Malformed::MissingField("historyId")),
         Some(v) => serde_json::from_value::<HistoryId>(v)
             .map_err(|e| Malformed::BadHistoryId(e.to_string()))?,

@@ -1,1 +1,13 @@
+//! Local test bed for gmail-sync (test support only, never linked into the product binary).
+//!
+//! - [`process`]: child processes stopped by PID (on drop, on panic, and at process exit).
+//! - [`redis_server`]: real `redis-server` instances (single and a three-master cluster).
+//! - [`pubsub`]: Google's Pub/Sub emulator, unique topics and subscriptions per test.
+//! - [`gmail`]: the Gmail API simulator with its ledger (the oracle for every invariant test).
+//! - [`check`]: compares gmail-sync's change streams with the ledger.
 
+pub mod check;
+pub mod gmail;
+pub mod process;
+pub mod pubsub;
+pub mod redis_server;
