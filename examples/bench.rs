@@ -24,7 +24,9 @@ use support::{Testbed, cpu_and_peak_rss, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
     support::run_worker_if_asked();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(bench())
 }
 
@@ -44,12 +46,24 @@ async fn bench() -> anyhow::Result<()> {
         ..SimConfig::default()
     };
     let mut bed = Testbed::start("bench", sim).await?;
-    let emails: Vec<String> = (0..n_mailboxes).map(|i| format!("b{i:05}@bench.example")).collect();
-    println!("gmail-sync benchmark: {n_mailboxes} mailboxes, {rate} notifications/s offered, {seconds} s per phase");
+    let emails: Vec<String> = (0..n_mailboxes)
+        .map(|i| format!("b{i:05}@bench.example"))
+        .collect();
+    println!(
+        "gmail-sync benchmark: {n_mailboxes} mailboxes, {rate} notifications/s offered, {seconds} s per phase"
+    );
     println!();
     println!(
         "{:<8} {:>9} {:>10} {:>12} {:>14} {:>12} {:>9} {:>9} {:>9}",
-        "phase", "notifs", "notifs/s", "CPU µs/notif", "history.list/n", "quota/notif", "p50 ms", "p99 ms", "RSS MiB"
+        "phase",
+        "notifs",
+        "notifs/s",
+        "CPU µs/notif",
+        "history.list/n",
+        "quota/notif",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB"
     );
     for phase in [Phase::Steady, Phase::Bursts] {
         // A fresh subscription per phase; watch moves every mailbox to it (cursors are kept).
@@ -58,7 +72,16 @@ async fn bench() -> anyhow::Result<()> {
         bed.sim.set_notify_drop_probability(1.0);
         bed.add_mailboxes(&emails).await?;
         bed.sim.set_notify_drop_probability(0.0);
-        let worker = bed.spawn_worker(if phase == Phase::Steady { "steady" } else { "bursts" }, &[]).await?;
+        let worker = bed
+            .spawn_worker(
+                if phase == Phase::Steady {
+                    "steady"
+                } else {
+                    "bursts"
+                },
+                &[],
+            )
+            .await?;
         let store = gmail_sync::app::connect_store(&bed.config()).await?;
         wait_caught_up(&bed, &store).await;
         let ledger_before = bed.sim.ledger();
@@ -73,7 +96,10 @@ async fn bench() -> anyhow::Result<()> {
         let (cpu_after, rss_kib) = cpu_and_peak_rss(worker.pid()).unwrap_or_default();
         let ledger = bed.sim.ledger();
         let phase_calls = &ledger.calls()[calls_before..];
-        let history_calls = phase_calls.iter().filter(|c| c.endpoint == Endpoint::HistoryList).count() as f64;
+        let history_calls = phase_calls
+            .iter()
+            .filter(|c| c.endpoint == Endpoint::HistoryList)
+            .count() as f64;
         let quota: u64 = phase_calls.iter().map(|c| c.cost).sum();
         let code = stop_worker(&worker).await;
         let summary = final_summary(&worker).unwrap_or_default();
@@ -81,7 +107,11 @@ async fn bench() -> anyhow::Result<()> {
         let cpu_us = (cpu_after.saturating_sub(cpu_before)).as_secs_f64() * 1e6;
         println!(
             "{:<8} {:>9} {:>10.0} {:>12.1} {:>14.3} {:>12.2} {:>9.1} {:>9.1} {:>9.1}",
-            if phase == Phase::Steady { "steady" } else { "bursts" },
+            if phase == Phase::Steady {
+                "steady"
+            } else {
+                "bursts"
+            },
             received,
             received / elapsed.as_secs_f64(),
             cpu_us / received.max(1.0),
@@ -92,7 +122,10 @@ async fn bench() -> anyhow::Result<()> {
             rss_kib as f64 / 1024.0,
         );
         if code != Some(0) {
-            println!("  (worker exit code {code:?}; log: {})", worker.log_path().display());
+            println!(
+                "  (worker exit code {code:?}; log: {})",
+                worker.log_path().display()
+            );
         }
     }
     let check = bed.check().await?;
@@ -101,7 +134,9 @@ async fn bench() -> anyhow::Result<()> {
         Ok(n) => println!("ledger check: MATCH ({n} entries, every change exactly once, in order)"),
         Err(e) => println!("ledger check: MISMATCH: {e}"),
     }
-    println!("(latency: from the Pub/Sub publish time to the worker's ack call, measured by the worker)");
+    println!(
+        "(latency: from the Pub/Sub publish time to the worker's ack call, measured by the worker)"
+    );
     Ok(())
 }
 

@@ -22,7 +22,10 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let once = args.iter().any(|a| a == "--once");
     let mut positional = args.iter().filter(|a| !a.starts_with("--"));
-    let group = positional.next().cloned().unwrap_or_else(|| "example".into());
+    let group = positional
+        .next()
+        .cloned()
+        .unwrap_or_else(|| "example".into());
     let consumer = positional.next().cloned().unwrap_or_else(|| "c1".into());
 
     let config = Config::from_env()?;
@@ -51,15 +54,21 @@ async fn main() -> anyhow::Result<()> {
             let opts = StreamReadOptions::default()
                 .group(&group, &consumer)
                 .count(100)
-                .block(if once { 10 } else { 1000 / streams.len().max(1) });
-            let reply: Option<StreamReadReply> = con.xread_options(&[stream], &[">"], &opts).await?;
+                .block(if once {
+                    10
+                } else {
+                    1000 / streams.len().max(1)
+                });
+            let reply: Option<StreamReadReply> =
+                con.xread_options(&[stream], &[">"], &opts).await?;
             for key in reply.map(|r| r.keys).unwrap_or_default() {
                 for entry in key.ids {
                     let mut fields = serde_json::Map::new();
                     fields.insert("stream".into(), key.key.clone().into());
                     fields.insert("id".into(), entry.id.clone().into());
                     for (field, value) in &entry.map {
-                        let value: String = redis::from_redis_value(value.clone()).unwrap_or_default();
+                        let value: String =
+                            redis::from_redis_value(value.clone()).unwrap_or_default();
                         fields.insert(field.clone(), value.into());
                     }
                     println!("{}", serde_json::Value::Object(fields));

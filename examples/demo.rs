@@ -19,7 +19,9 @@ use support::{Testbed, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
     support::run_worker_if_asked();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(demo())
 }
 
@@ -29,17 +31,29 @@ async fn demo() -> anyhow::Result<()> {
     let n_workers: usize = env_or("DEMO_WORKERS", 2);
     let rate: usize = env_or("DEMO_CHANGES_PER_SEC", 200);
 
-    println!("gmail-sync demo: {n_mailboxes} mailboxes, {n_workers} workers, {seconds} s of mail at ~{rate} changes/s");
+    println!(
+        "gmail-sync demo: {n_mailboxes} mailboxes, {n_workers} workers, {seconds} s of mail at ~{rate} changes/s"
+    );
     println!("starting Redis, the Pub/Sub emulator and the Gmail simulator ...");
     let mut bed = Testbed::start("demo", Default::default()).await?;
-    let emails: Vec<String> = (0..n_mailboxes).map(|i| format!("user{i:04}@demo.example")).collect();
+    let emails: Vec<String> = (0..n_mailboxes)
+        .map(|i| format!("user{i:04}@demo.example"))
+        .collect();
     bed.add_mailboxes(&emails).await?;
-    println!("registered {} mailboxes (users.watch → topic {})", emails.len(), bed.topic.topic);
+    println!(
+        "registered {} mailboxes (users.watch → topic {})",
+        emails.len(),
+        bed.topic.topic
+    );
     let mut workers = Vec::new();
     for i in 0..n_workers {
         workers.push(bed.spawn_worker(&format!("worker-{i}"), &[]).await?);
     }
-    println!("{} workers ready (logs in {})", workers.len(), bed.dir.display());
+    println!(
+        "{} workers ready (logs in {})",
+        workers.len(),
+        bed.dir.display()
+    );
 
     let store = gmail_sync::app::connect_store(&bed.config()).await?;
     let interrupted = tokio::signal::ctrl_c();
@@ -79,15 +93,31 @@ async fn demo() -> anyhow::Result<()> {
     let mut totals = serde_json::Map::new();
     for w in &workers {
         if let Some(s) = final_summary(w) {
-            for key in ["received", "acked_after_sync", "acked_without_work", "nacked", "syncs", "resyncs", "changes_written", "lease_busy", "gmail_calls", "gmail_quota_units"] {
-                let v = s[key].as_u64().unwrap_or(0) + totals.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+            for key in [
+                "received",
+                "acked_after_sync",
+                "acked_without_work",
+                "nacked",
+                "syncs",
+                "resyncs",
+                "changes_written",
+                "lease_busy",
+                "gmail_calls",
+                "gmail_quota_units",
+            ] {
+                let v = s[key].as_u64().unwrap_or(0)
+                    + totals.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
                 totals.insert(key.into(), v.into());
             }
         }
     }
     let t = |k: &str| totals.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     let ledger = bed.sim.ledger();
-    let history_calls = ledger.calls().iter().filter(|c| c.endpoint == gmail_sync_testbed::gmail::Endpoint::HistoryList).count();
+    let history_calls = ledger
+        .calls()
+        .iter()
+        .filter(|c| c.endpoint == gmail_sync_testbed::gmail::Endpoint::HistoryList)
+        .count();
     let quota: u64 = ledger.calls().iter().map(|c| c.cost).sum();
     let check = bed.check().await?;
 
@@ -95,18 +125,36 @@ async fn demo() -> anyhow::Result<()> {
     println!("================ gmail-sync demo summary ================");
     println!("mailboxes                      {}", emails.len());
     println!("changes made in Gmail (sim)    {changes_made}");
-    println!("notifications sent by Gmail    {}", bed.sim.notifications_sent());
+    println!(
+        "notifications sent by Gmail    {}",
+        bed.sim.notifications_sent()
+    );
     println!("notifications received         {}", t("received"));
     println!("  acked after a sync           {}", t("acked_after_sync"));
     println!("  acked without work           {}", t("acked_without_work"));
     println!("  nacked (redelivered later)   {}", t("nacked"));
-    println!("syncs / resyncs                {} / {}", t("syncs"), t("resyncs"));
+    println!(
+        "syncs / resyncs                {} / {}",
+        t("syncs"),
+        t("resyncs")
+    );
     println!("changes synced to Redis        {}", t("changes_written"));
-    println!("Gmail calls (workers)          {} ({} quota units)", t("gmail_calls"), t("gmail_quota_units"));
-    println!("Gmail calls (simulator ledger) {} incl. {} history.list, {} quota units incl. registration", ledger.calls().len(), history_calls, quota);
+    println!(
+        "Gmail calls (workers)          {} ({} quota units)",
+        t("gmail_calls"),
+        t("gmail_quota_units")
+    );
+    println!(
+        "Gmail calls (simulator ledger) {} incl. {} history.list, {} quota units incl. registration",
+        ledger.calls().len(),
+        history_calls,
+        quota
+    );
     println!("worker exit codes              {codes:?}");
     match &check {
-        Ok(n) => println!("ledger check                   MATCH: {n} entries, every change exactly once, in order"),
+        Ok(n) => println!(
+            "ledger check                   MATCH: {n} entries, every change exactly once, in order"
+        ),
         Err(e) => println!("ledger check                   MISMATCH: {e}"),
     }
     println!("==========================================================");

@@ -26,7 +26,10 @@ pub fn run_worker_if_asked() {
     if std::env::args().nth(1).as_deref() != Some("--worker") {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let cli = <gmail_sync::cli::Cli as clap::Parser>::parse_from(["gmail-sync", "run"]);
     let code = runtime.block_on(gmail_sync::cli::execute(cli));
     std::process::exit(code);
@@ -98,17 +101,26 @@ impl Testbed {
                 self.sim.add_mailbox(email);
             }
             let m = Mailbox::parse(email)?;
-            let r = gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m).await?;
-            self.baselines.entry(m.to_string()).or_insert(r.cursor.get());
+            let r =
+                gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m).await?;
+            self.baselines
+                .entry(m.to_string())
+                .or_insert(r.cursor.get());
         }
         Ok(())
     }
 
     /// Starts a worker process (this example binary with `--worker`), waits until it is ready.
-    pub async fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> anyhow::Result<ChildGuard> {
+    pub async fn spawn_worker(
+        &self,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<ChildGuard> {
         let health = self.dir.join(format!("{name}-health"));
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
-        cmd.arg("--worker").envs(self.env()).env("GMAIL_SYNC_HEALTH_DIR", &health);
+        cmd.arg("--worker")
+            .envs(self.env())
+            .env("GMAIL_SYNC_HEALTH_DIR", &health);
         for (k, v) in extra {
             cmd.env(k, v);
         }
@@ -128,7 +140,13 @@ impl Testbed {
         let mut n = 0;
         for email in self.baselines.keys() {
             let m = Mailbox::parse(email).unwrap();
-            let cursor = store.cursor(&m).await.ok().flatten().unwrap_or_default().get();
+            let cursor = store
+                .cursor(&m)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .get();
             if cursor < self.sim.current_history_id(email) {
                 n += 1;
             }
@@ -157,13 +175,20 @@ impl Testbed {
 
     pub async fn check(&self) -> anyhow::Result<Result<usize, String>> {
         let entries = self.entries().await?;
-        Ok(check::compare(&self.sim.ledger(), &entries, &self.baselines))
+        Ok(check::compare(
+            &self.sim.ledger(),
+            &entries,
+            &self.baselines,
+        ))
     }
 }
 
 /// SIGTERM, then wait (bounded) for the exit; returns the exit code.
 pub async fn stop_worker(w: &ChildGuard) -> Option<i32> {
-    let _ = std::process::Command::new("kill").arg("-TERM").arg(w.pid().to_string()).status();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(w.pid().to_string())
+        .status();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Some(s) = w.try_status() {
@@ -185,7 +210,10 @@ pub fn final_summary(w: &ChildGuard) -> Option<serde_json::Value> {
 }
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// (user+system CPU time, peak RSS in KiB) of a process, from /proc.

@@ -10,8 +10,8 @@ use gmail_sync::store::Store;
 use gmail_sync::telemetry::{Counters, CountersSnapshot};
 use gmail_sync_testbed::check;
 use gmail_sync_testbed::gmail::{GmailSim, SimConfig};
-use gmail_sync_testbed::pubsub::{self, Emulator, TestTopic};
 use gmail_sync_testbed::process::ChildGuard;
+use gmail_sync_testbed::pubsub::{self, Emulator, TestTopic};
 use gmail_sync_testbed::redis_server::RedisServer;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -67,7 +67,13 @@ impl Bed {
             let url = r.url();
             (Some(r), url)
         } else {
-            (None, gmail_sync_testbed::redis_server::shared().await.expect("redis-server").url())
+            (
+                None,
+                gmail_sync_testbed::redis_server::shared()
+                    .await
+                    .expect("redis-server")
+                    .url(),
+            )
         };
         let topic = pubsub::unique_topic(emulator, label, opts.ack_deadline_secs)
             .await
@@ -116,7 +122,11 @@ impl Bed {
             ),
         ]
         .into_iter()
-        .chain(self.cluster_nodes.clone().map(|n| ("GMAIL_SYNC_REDIS_CLUSTER_NODES", n)))
+        .chain(
+            self.cluster_nodes
+                .clone()
+                .map(|n| ("GMAIL_SYNC_REDIS_CLUSTER_NODES", n)),
+        )
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -164,7 +174,8 @@ impl Bed {
         for (k, v) in overrides {
             cmd.env(k, v);
         }
-        let dir = gmail_sync_testbed::process::fresh_dir(&format!("{}-{name}", self.prefix)).unwrap();
+        let dir =
+            gmail_sync_testbed::process::fresh_dir(&format!("{}-{name}", self.prefix)).unwrap();
         ChildGuard::spawn(name, cmd, &dir).expect("spawn gmail-sync")
     }
 
@@ -177,7 +188,11 @@ impl Bed {
         let config = self.config_with(overrides);
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(gmail_sync::app::run(config, shutdown.clone(), counters.clone()));
+        let task = tokio::spawn(gmail_sync::app::run(
+            config,
+            shutdown.clone(),
+            counters.clone(),
+        ));
         Worker {
             shutdown,
             counters,
@@ -188,7 +203,9 @@ impl Bed {
     /// Every entry of every change stream, in stream order per shard.
     pub async fn entries(&self) -> Vec<Entry> {
         let config = self.config();
-        let mut con = gmail_sync::store::RedisConnection::connect(&config.redis).await.unwrap();
+        let mut con = gmail_sync::store::RedisConnection::connect(&config.redis)
+            .await
+            .unwrap();
         let streams = self.store().await.keys().streams();
         check::read_streams(&mut con, &streams)
             .await
@@ -216,7 +233,11 @@ impl Bed {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("{} mailboxes behind: {:?}", behind.len(), &behind[..behind.len().min(5)]));
+                return Err(format!(
+                    "{} mailboxes behind: {:?}",
+                    behind.len(),
+                    &behind[..behind.len().min(5)]
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -245,7 +266,6 @@ impl Entry {
     pub fn get(&self, field: &str) -> &str {
         self.fields.get(field).map(String::as_str).unwrap_or("")
     }
-
 }
 
 pub struct Worker {

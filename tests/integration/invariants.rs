@@ -14,7 +14,12 @@ async fn settle(worker: &crate::harness::Worker) {
     let mut stable_rounds = 0;
     for _ in 0..400 {
         let s = worker.snapshot();
-        let handled = s.acked_without_work + s.acked_after_sync + s.nacked + s.quarantined + s.unknown_mailbox + s.disabled_mailbox;
+        let handled = s.acked_without_work
+            + s.acked_after_sync
+            + s.nacked
+            + s.quarantined
+            + s.unknown_mailbox
+            + s.disabled_mailbox;
         if s.received == handled && s.received == last {
             stable_rounds += 1;
             if stable_rounds >= 15 {
@@ -62,7 +67,14 @@ async fn mail_flows_end_to_end_and_matches_the_ledger_exactly() {
 /// nothing written; once Redis accepts writes again the retry writes everything exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_only_after_commit_when_redis_refuses_the_commit() {
-    let mut bed = Bed::with("ackafter", BedOptions { own_redis: true, ..BedOptions::default() }).await;
+    let mut bed = Bed::with(
+        "ackafter",
+        BedOptions {
+            own_redis: true,
+            ..BedOptions::default()
+        },
+    )
+    .await;
     let mailbox = emails("ackafter", 1).remove(0);
     bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
     let worker = bed.start_worker();
@@ -70,21 +82,61 @@ async fn ack_only_after_commit_when_redis_refuses_the_commit() {
     settle(&worker).await;
     let before = worker.snapshot();
     // Slow history.list gives us time to make Redis refuse writes before the commit.
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), FaultAction::Latency { millis: 1500 }).times(1));
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            FaultAction::Latency { millis: 1500 },
+        )
+        .times(1),
+    );
     bed.sim.deliver(&mailbox, &["INBOX"]);
-    let mut admin = redis::Client::open(bed.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let history_calls = |bed: &Bed| bed.sim.ledger().calls().iter().filter(|c| c.endpoint == Endpoint::HistoryList).count();
-    let calls_before = history_calls(&bed);
-    assert!(eventually(Duration::from_secs(20), || history_calls(&bed) > calls_before || bed.sim.ledger().calls().iter().any(|c| c.faulted)).await);
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async(&mut admin).await.unwrap();
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query_async(&mut admin).await.unwrap();
+    let mut admin = redis::Client::open(bed.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The sync holds the lease and waits for the slow history.list.
+    assert!(eventually(Duration::from_secs(20), || bed.sim.in_flight(&mailbox) > 0).await);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
     // The commit fails; the sync is retried with backoff; nothing may be acked meanwhile.
-    assert!(eventually(Duration::from_secs(20), || worker.snapshot().sync_errors_retryable > before.sync_errors_retryable).await);
+    assert!(
+        eventually(Duration::from_secs(20), || worker
+            .snapshot()
+            .sync_errors_retryable
+            > before.sync_errors_retryable)
+        .await
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = worker.snapshot();
-    assert_eq!(during.acked_after_sync, before.acked_after_sync, "acked while the commit failed: {during:?}");
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query_async(&mut admin).await.unwrap();
-    assert_eq!(bed.entries().await.len(), 0, "a refused commit wrote something");
+    assert_eq!(
+        during.acked_after_sync, before.acked_after_sync,
+        "acked while the commit failed: {during:?}"
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        bed.entries().await.len(),
+        0,
+        "a refused commit wrote something"
+    );
     bed.wait_caught_up(CATCH_UP).await.unwrap();
     settle(&worker).await;
     assert_eq!(bed.check_against_ledger().await.unwrap(), 1);
@@ -105,7 +157,14 @@ async fn duplicate_and_out_of_order_notifications_write_nothing_twice() {
     }
     bed.wait_caught_up(CATCH_UP).await.unwrap();
     settle(&worker).await;
-    let history_calls = || bed.sim.ledger().calls().iter().filter(|c| c.endpoint == Endpoint::HistoryList).count();
+    let history_calls = || {
+        bed.sim
+            .ledger()
+            .calls()
+            .iter()
+            .filter(|c| c.endpoint == Endpoint::HistoryList)
+            .count()
+    };
     let calls = history_calls();
     let before = worker.snapshot();
     let current = bed.sim.current_history_id(&mailbox);
@@ -113,14 +172,28 @@ async fn duplicate_and_out_of_order_notifications_write_nothing_twice() {
     for payload in [
         format!(r#"{{"emailAddress":"{mailbox}","historyId":"{current}"}}"#),
         format!(r#"{{"emailAddress":"{mailbox}","historyId":{current}}}"#),
-        format!(r#"{{"emailAddress":"{}","historyId":"{}"}}"#, mailbox.to_uppercase(), current - 1),
+        format!(
+            r#"{{"emailAddress":"{}","historyId":"{}"}}"#,
+            mailbox.to_uppercase(),
+            current - 1
+        ),
         format!(r#"{{"emailAddress":"{mailbox}","historyId":"{baseline}"}}"#),
     ] {
         bed.publish(payload.as_bytes()).await;
     }
-    assert!(eventually(Duration::from_secs(20), || worker.snapshot().acked_without_work >= before.acked_without_work + 4).await);
+    assert!(
+        eventually(Duration::from_secs(20), || worker
+            .snapshot()
+            .acked_without_work
+            >= before.acked_without_work + 4)
+        .await
+    );
     settle(&worker).await;
-    assert_eq!(history_calls(), calls, "covered notifications must not call Gmail");
+    assert_eq!(
+        history_calls(),
+        calls,
+        "covered notifications must not call Gmail"
+    );
     bed.check_against_ledger().await.unwrap();
     worker.stop().await.unwrap();
 }
@@ -141,19 +214,43 @@ async fn expired_history_triggers_a_resync_that_loses_nothing() {
     let before_expiry = bed.entries().await.len();
     assert_eq!(before_expiry, 3);
 
-    bed.sim.expire_history(&mailbox);
     // The listing is slow; a message delivered during it must come through history afterwards.
-    bed.sim.inject(FaultRule::new(Some(Endpoint::MessagesList), FaultAction::Latency { millis: 1500 }).times(1));
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::MessagesList),
+            FaultAction::Latency { millis: 1500 },
+        )
+        .times(1),
+    );
+    // A change, then Gmail forgets all history up to it before the worker could read it: the
+    // worker's cursor is now older than the horizon and history.list answers 404.
     let listed_before = bed.sim.deliver(&mailbox, &["INBOX"]);
-    let profile_calls = || bed.sim.ledger().calls().iter().filter(|c| c.endpoint == Endpoint::GetProfile).count();
-    assert!(eventually(Duration::from_secs(30), || profile_calls() > 0).await, "no resync started");
+    bed.sim.expire_history(&mailbox);
+    let profile_calls = || {
+        bed.sim
+            .ledger()
+            .calls()
+            .iter()
+            .filter(|c| c.endpoint == Endpoint::GetProfile)
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || profile_calls() > 0).await,
+        "no resync started"
+    );
     let during = bed.sim.deliver(&mailbox, &["INBOX", "IMPORTANT"]);
     bed.wait_caught_up(CATCH_UP).await.unwrap();
     settle(&worker).await;
 
     let entries = bed.entries().await;
-    let resync_at = entries.iter().position(|e| e.get("kind") == "resync").expect("a resync entry");
-    assert_eq!(resync_at, before_expiry, "entries before the resync are the old ones");
+    let resync_at = entries
+        .iter()
+        .position(|e| e.get("kind") == "resync")
+        .expect("a resync entry");
+    assert_eq!(
+        resync_at, before_expiry,
+        "entries before the resync are the old ones"
+    );
     let resync = &entries[resync_at];
     let listed: Vec<&str> = entries[resync_at + 1..]
         .iter()
@@ -161,10 +258,16 @@ async fn expired_history_triggers_a_resync_that_loses_nothing() {
         .map(|e| e.get("message_id"))
         .collect();
     assert_eq!(resync.get("listed"), listed.len().to_string());
-    assert!(listed.contains(&listed_before.as_str()), "the message delivered before the resync is listed");
+    assert!(
+        listed.contains(&listed_before.as_str()),
+        "the message delivered before the resync is listed"
+    );
     let live = bed.sim.messages(&mailbox);
     for id in &listed {
-        assert!(live.contains_key(*id), "listed a message that does not exist: {id}");
+        assert!(
+            live.contains_key(*id),
+            "listed a message that does not exist: {id}"
+        );
     }
     // Every live message is either listed or arrives as an entry after the resync.
     let after: Vec<&str> = entries[resync_at + 1 + listed.len()..]
@@ -173,7 +276,10 @@ async fn expired_history_triggers_a_resync_that_loses_nothing() {
         .map(|e| e.get("message_id"))
         .collect();
     for id in live.keys() {
-        assert!(listed.contains(&id.as_str()) || after.contains(&id.as_str()), "lost message {id}");
+        assert!(
+            listed.contains(&id.as_str()) || after.contains(&id.as_str()),
+            "lost message {id}"
+        );
     }
     assert!(listed.contains(&during.as_str()) || after.contains(&during.as_str()));
     let h0: u64 = resync.get("history_id").parse().unwrap();
@@ -188,7 +294,10 @@ async fn expired_history_triggers_a_resync_that_loses_nothing() {
 async fn malformed_and_unknown_notifications_are_acked_and_recorded() {
     let bed = Bed::start("poison").await;
     let worker = bed.start_worker();
-    let oversize = format!(r#"{{"emailAddress":"a@example.com","historyId":"1","pad":"{}"}}"#, "x".repeat(5000));
+    let oversize = format!(
+        r#"{{"emailAddress":"a@example.com","historyId":"1","pad":"{}"}}"#,
+        "x".repeat(5000)
+    );
     let bad: Vec<Vec<u8>> = vec![
         b"not json at all".to_vec(),
         br#"{"emailAddress":"a@example.com"}"#.to_vec(),
@@ -200,20 +309,39 @@ async fn malformed_and_unknown_notifications_are_acked_and_recorded() {
     for payload in &bad {
         bed.publish(payload).await;
     }
-    bed.publish(br#"{"emailAddress":"stranger@example.com","historyId":"77"}"#).await;
-    assert!(eventually(Duration::from_secs(20), || {
-        let s = worker.snapshot();
-        s.quarantined == bad.len() as u64 && s.unknown_mailbox == 1
-    })
-    .await, "{:?}", worker.snapshot());
+    bed.publish(br#"{"emailAddress":"stranger@example.com","historyId":"77"}"#)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let s = worker.snapshot();
+            s.quarantined == bad.len() as u64 && s.unknown_mailbox == 1
+        })
+        .await,
+        "{:?}",
+        worker.snapshot()
+    );
     settle(&worker).await;
     let s = worker.snapshot();
-    assert_eq!(s.received, bad.len() as u64 + 1, "something was redelivered: {s:?}");
+    assert_eq!(
+        s.received,
+        bad.len() as u64 + 1,
+        "something was redelivered: {s:?}"
+    );
     assert_eq!(s.nacked, 0);
 
-    let mut con = redis::Client::open(bed.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut con = redis::Client::open(bed.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let key = bed.store().await.keys().quarantine();
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut con).await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(reply.ids.len(), bad.len());
     let mut stored: Vec<Vec<u8>> = Vec::new();
     for id in &reply.ids {
@@ -239,7 +367,14 @@ async fn history_ids_above_2_pow_53_sync_exactly() {
         notify_history_id_as_number: true,
         ..SimConfig::default()
     };
-    let mut bed = Bed::with("big", BedOptions { sim, ..BedOptions::default() }).await;
+    let mut bed = Bed::with(
+        "big",
+        BedOptions {
+            sim,
+            ..BedOptions::default()
+        },
+    )
+    .await;
     let mailboxes = emails("big", 3);
     bed.add_mailboxes(&mailboxes).await;
     assert!(bed.baselines.values().all(|b| *b > 1 << 53));
@@ -270,28 +405,76 @@ async fn gmail_errors_are_retried_or_isolated() {
         domain: None,
         retry_after,
     };
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), status(429, "rateLimitExceeded", Some(1))).for_mailbox(&mailboxes[0]).times(2));
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), status(403, "userRateLimitExceeded", None)).for_mailbox(&mailboxes[1]).times(2));
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), status(503, "backendError", None)).for_mailbox(&mailboxes[2]).times(3));
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), FaultAction::ExpiredToken).for_mailbox(&mailboxes[2]).times(1));
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            status(429, "rateLimitExceeded", Some(1)),
+        )
+        .for_mailbox(&mailboxes[0])
+        .times(2),
+    );
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            status(403, "userRateLimitExceeded", None),
+        )
+        .for_mailbox(&mailboxes[1])
+        .times(2),
+    );
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            status(503, "backendError", None),
+        )
+        .for_mailbox(&mailboxes[2])
+        .times(3),
+    );
+    bed.sim.inject(
+        FaultRule::new(Some(Endpoint::HistoryList), FaultAction::ExpiredToken)
+            .for_mailbox(&mailboxes[2])
+            .times(1),
+    );
     for m in &mailboxes[..3] {
         bed.sim.deliver(m, &["INBOX"]);
         bed.sim.deliver(m, &["INBOX"]);
     }
     // Mailbox 3: permanent failure.
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), status(403, "domainPolicy", None)).for_mailbox(&mailboxes[3]));
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            status(403, "domainPolicy", None),
+        )
+        .for_mailbox(&mailboxes[3]),
+    );
     bed.sim.deliver(&mailboxes[3], &["INBOX"]);
     let store = bed.store().await;
-    let healthy = BedSubset { bed: &bed, skip: &mailboxes[3] };
+    let healthy = BedSubset {
+        bed: &bed,
+        skip: &mailboxes[3],
+    };
     healthy.wait().await;
-    assert!(eventually(Duration::from_secs(20), || worker.snapshot().disabled_mailbox >= 1).await, "{:?}", worker.snapshot());
+    assert!(
+        eventually(Duration::from_secs(20), || worker
+            .snapshot()
+            .disabled_mailbox
+            >= 1)
+        .await,
+        "{:?}",
+        worker.snapshot()
+    );
     settle(&worker).await;
     let s = worker.snapshot();
-    assert!(s.gmail_rate_limited >= 4 && s.gmail_transient_errors >= 3, "{s:?}");
+    assert!(
+        s.gmail_rate_limited >= 4 && s.gmail_transient_errors >= 3,
+        "{s:?}"
+    );
     assert_eq!(s.sync_errors_permanent, 1, "{s:?}");
     // The disabled mailbox kept its cursor and wrote nothing; the others match the ledger.
     let m3 = gmail_sync::mailbox::Mailbox::parse(&mailboxes[3]).unwrap();
-    assert_eq!(store.cursor(&m3).await.unwrap().unwrap().get(), bed.baselines[&mailboxes[3]]);
+    assert_eq!(
+        store.cursor(&m3).await.unwrap().unwrap().get(),
+        bed.baselines[&mailboxes[3]]
+    );
     bed.baselines.remove(&mailboxes[3]);
     bed.check_against_ledger().await.unwrap();
     worker.stop().await.unwrap();
@@ -307,7 +490,12 @@ impl BedSubset<'_> {
         let store = self.bed.store().await;
         for _ in 0..600 {
             let mut all = true;
-            for email in self.bed.baselines.keys().filter(|e| e.as_str() != self.skip) {
+            for email in self
+                .bed
+                .baselines
+                .keys()
+                .filter(|e| e.as_str() != self.skip)
+            {
                 let m = gmail_sync::mailbox::Mailbox::parse(email).unwrap();
                 let cursor = store.cursor(&m).await.unwrap().unwrap_or_default().get();
                 all &= cursor >= self.bed.sim.current_history_id(email);

@@ -6,7 +6,10 @@ use gmail_sync_testbed::gmail::{Endpoint, FaultAction, FaultRule, SimConfig};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn wait_exit(guard: &gmail_sync_testbed::process::ChildGuard, timeout: Duration) -> Option<std::process::ExitStatus> {
+fn wait_exit(
+    guard: &gmail_sync_testbed::process::ChildGuard,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(status) = guard.try_status() {
@@ -18,7 +21,11 @@ fn wait_exit(guard: &gmail_sync_testbed::process::ChildGuard, timeout: Duration)
 }
 
 fn sigterm(pid: u32) {
-    let ok = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -32,7 +39,14 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
         notify_min_interval: Duration::ZERO,
         ..SimConfig::default()
     };
-    let mut bed = Bed::with("twoproc", BedOptions { sim, ..BedOptions::default() }).await;
+    let mut bed = Bed::with(
+        "twoproc",
+        BedOptions {
+            sim,
+            ..BedOptions::default()
+        },
+    )
+    .await;
     let mailboxes = emails("twoproc", 10);
     bed.add_mailboxes(&mailboxes).await;
     let a = bed.spawn_worker_process("worker-a", &[]);
@@ -49,7 +63,11 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if let Err(e) = bed.wait_caught_up(Duration::from_secs(90)).await {
-        panic!("{e}\n--- a ---\n{}\n--- b ---\n{}", a.log_tail(30), b.log_tail(30));
+        panic!(
+            "{e}\n--- a ---\n{}\n--- b ---\n{}",
+            a.log_tail(30),
+            b.log_tail(30)
+        );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let n = bed.check_against_ledger().await.unwrap();
@@ -63,8 +81,16 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
         let log = std::fs::read_to_string(w.log_path()).unwrap();
         assert!(log.contains("final summary"), "{}", w.log_tail(20));
     }
-    let mut con = redis::Client::open(bed.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let leases: Vec<String> = redis::cmd("KEYS").arg(format!("{{{}:*}}:lease:*", bed.prefix)).query_async(&mut con).await.unwrap();
+    let mut con = redis::Client::open(bed.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let leases: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{}:*}}:lease:*", bed.prefix))
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert!(leases.is_empty(), "leases left behind: {leases:?}");
 }
 
@@ -74,22 +100,35 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
     let mut bed = Bed::start("secrets").await;
     let mailboxes = emails("secrets", 2);
     bed.add_mailboxes(&mailboxes).await;
-    bed.sim.inject(FaultRule::new(Some(Endpoint::HistoryList), FaultAction::ExpiredToken).times(2));
+    bed.sim
+        .inject(FaultRule::new(Some(Endpoint::HistoryList), FaultAction::ExpiredToken).times(2));
     bed.sim.inject(
         FaultRule::new(
             Some(Endpoint::HistoryList),
-            FaultAction::Status { status: 429, reason: Some("rateLimitExceeded".into()), message: None, domain: None, retry_after: Some(1) },
+            FaultAction::Status {
+                status: 429,
+                reason: Some("rateLimitExceeded".into()),
+                message: None,
+                domain: None,
+                retry_after: Some(1),
+            },
         )
         .times(1),
     );
-    let w = bed.spawn_worker_process("trace", &[("RUST_LOG", "trace"), ("GMAIL_SYNC_LOG_MAILBOX", "plain")]);
+    let w = bed.spawn_worker_process(
+        "trace",
+        &[("RUST_LOG", "trace"), ("GMAIL_SYNC_LOG_MAILBOX", "plain")],
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     for m in &mailboxes {
         bed.sim.deliver(m, &["INBOX"]);
     }
     bed.wait_caught_up(Duration::from_secs(60)).await.unwrap();
     sigterm(w.pid());
-    assert_eq!(wait_exit(&w, Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        wait_exit(&w, Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
     let log = std::fs::read(w.log_path()).unwrap();
     let text = String::from_utf8_lossy(&log);
     assert!(text.len() > 10_000, "trace logging produced little output");
@@ -100,7 +139,10 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
     // Every stdout line is a JSON object with the fields Cloud Logging reads.
     for line in text.lines().filter(|l| l.starts_with('{')).take(200) {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(v.get("severity").is_some() && v.get("time").is_some() && v.get("message").is_some(), "{line}");
+        assert!(
+            v.get("severity").is_some() && v.get("time").is_some() && v.get("message").is_some(),
+            "{line}"
+        );
     }
 }
 
@@ -110,23 +152,58 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
 async fn startup_fails_clearly_on_bad_configuration() {
     let bed = Bed::start("startup").await;
     let bin = env!("CARGO_BIN_EXE_gmail-sync");
-    let out = Command::new(bin).arg("run").envs(bed.env()).env("GMAIL_SYNC_SHARDS", "many").output().unwrap();
+    let out = Command::new(bin)
+        .arg("run")
+        .envs(bed.env())
+        .env("GMAIL_SYNC_SHARDS", "many")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("GMAIL_SYNC_SHARDS") && stderr.contains("integer"), "{stderr}");
+    assert!(
+        stderr.contains("GMAIL_SYNC_SHARDS") && stderr.contains("integer"),
+        "{stderr}"
+    );
 
-    let out = Command::new(bin).arg("run").envs(bed.env()).env_remove("GMAIL_SYNC_SUBSCRIPTION").output().unwrap();
+    let out = Command::new(bin)
+        .arg("run")
+        .envs(bed.env())
+        .env_remove("GMAIL_SYNC_SUBSCRIPTION")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("GMAIL_SYNC_SUBSCRIPTION"), "{all}");
 
-    let missing = bed.topic.subscription.replace("subscriptions/", "subscriptions/does-not-exist-");
+    let missing = bed
+        .topic
+        .subscription
+        .replace("subscriptions/", "subscriptions/does-not-exist-");
     let started = Instant::now();
-    let out = Command::new(bin).arg("run").envs(bed.env()).env("GMAIL_SYNC_SUBSCRIPTION", &missing).output().unwrap();
+    let out = Command::new(bin)
+        .arg("run")
+        .envs(bed.env())
+        .env("GMAIL_SYNC_SUBSCRIPTION", &missing)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(all.contains("not usable") && all.contains("does-not-exist-"), "{all}");
-    assert!(started.elapsed() < Duration::from_secs(60), "startup check must not hang");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.contains("not usable") && all.contains("does-not-exist-"),
+        "{all}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "startup check must not hang"
+    );
 
     let out = Command::new(bin).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);

@@ -7,7 +7,13 @@ use gmail_sync::store::{Begin, ChangeEntry, ChangeKind, Lease, StoreError};
 use std::time::Duration;
 
 fn entry(h: u64) -> ChangeEntry {
-    ChangeEntry::message(ChangeKind::MessageAdded, HistoryId(h), &format!("m{h}"), "t", &["INBOX".to_string()])
+    ChangeEntry::message(
+        ChangeKind::MessageAdded,
+        HistoryId(h),
+        &format!("m{h}"),
+        "t",
+        &["INBOX".to_string()],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,44 +22,138 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
     let store = bed.store().await;
     let m = Mailbox::parse("cas@example.com").unwrap();
     let base = (1u64 << 53) + 1; // 2^53 + 1 is not representable as a double
-    assert_eq!(store.register(&m, HistoryId(base), 0).await.unwrap(), (true, HistoryId(base)));
+    assert_eq!(
+        store.register(&m, HistoryId(base), 0).await.unwrap(),
+        (true, HistoryId(base))
+    );
     // Registering again keeps the cursor (idempotent, never backwards).
-    assert_eq!(store.register(&m, HistoryId(base + 100), 0).await.unwrap(), (false, HistoryId(base)));
+    assert_eq!(
+        store.register(&m, HistoryId(base + 100), 0).await.unwrap(),
+        (false, HistoryId(base))
+    );
 
     let lease = Lease::new(Duration::from_secs(10));
-    assert_eq!(store.begin(&m, HistoryId(base + 5), &lease).await.unwrap(), Begin::Leased { cursor: HistoryId(base) });
+    assert_eq!(
+        store.begin(&m, HistoryId(base + 5), &lease).await.unwrap(),
+        Begin::Leased {
+            cursor: HistoryId(base)
+        }
+    );
     let other = Lease::new(Duration::from_secs(10));
-    assert_eq!(store.begin(&m, HistoryId(base + 5), &other).await.unwrap(), Begin::Busy { cursor: HistoryId(base) });
+    assert_eq!(
+        store.begin(&m, HistoryId(base + 5), &other).await.unwrap(),
+        Begin::Busy {
+            cursor: HistoryId(base)
+        }
+    );
 
     // 2^53 equals 2^53 + 1 as a double: only an exact comparison refuses it.
-    let back = store.commit(&m, &lease, HistoryId(base), HistoryId(base - 1), &[entry(base - 1)], false).await;
+    let back = store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(base),
+            HistoryId(base - 1),
+            &[entry(base - 1)],
+            false,
+        )
+        .await;
     assert!(matches!(back, Err(StoreError::Backwards(_))), "{back:?}");
-    let stale = store.commit(&m, &lease, HistoryId(base - 7), HistoryId(base + 2), &[entry(base + 2)], false).await;
-    assert!(matches!(stale, Err(StoreError::Conflict(c)) if c == HistoryId(base)), "{stale:?}");
-    let foreign = store.commit(&m, &other, HistoryId(base), HistoryId(base + 2), &[entry(base + 2)], false).await;
+    let stale = store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(base - 7),
+            HistoryId(base + 2),
+            &[entry(base + 2)],
+            false,
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict(c)) if c == HistoryId(base)),
+        "{stale:?}"
+    );
+    let foreign = store
+        .commit(
+            &m,
+            &other,
+            HistoryId(base),
+            HistoryId(base + 2),
+            &[entry(base + 2)],
+            false,
+        )
+        .await;
     assert!(matches!(foreign, Err(StoreError::LeaseLost)), "{foreign:?}");
-    assert_eq!(bed.entries().await.len(), 0, "refused commits write nothing");
+    assert_eq!(
+        bed.entries().await.len(),
+        0,
+        "refused commits write nothing"
+    );
 
-    let to = store.commit(&m, &lease, HistoryId(base), HistoryId(base + 2), &[entry(base + 1), entry(base + 2)], true).await.unwrap();
+    let to = store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(base),
+            HistoryId(base + 2),
+            &[entry(base + 1), entry(base + 2)],
+            true,
+        )
+        .await
+        .unwrap();
     assert_eq!(to, HistoryId(base + 2));
     assert_eq!(store.cursor(&m).await.unwrap(), Some(HistoryId(base + 2)));
     // The same commit replayed (a redelivery racing) writes nothing twice.
-    let replay = store.commit(&m, &lease, HistoryId(base), HistoryId(base + 2), &[entry(base + 1), entry(base + 2)], false).await;
+    let replay = store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(base),
+            HistoryId(base + 2),
+            &[entry(base + 1), entry(base + 2)],
+            false,
+        )
+        .await;
     assert!(replay.is_err());
     let entries = bed.entries().await;
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[1].get("history_id"), (base + 2).to_string());
     assert_eq!(entries[0].get("v"), "1");
     // The final commit released the lease: a new sync can take it.
-    assert!(matches!(store.begin(&m, HistoryId(base + 9), &other).await.unwrap(), Begin::Leased { .. }));
+    assert!(matches!(
+        store.begin(&m, HistoryId(base + 9), &other).await.unwrap(),
+        Begin::Leased { .. }
+    ));
     // Near u64::MAX the decimal comparison still holds.
     let top = Mailbox::parse("top@example.com").unwrap();
-    store.register(&top, HistoryId(u64::MAX - 10), 0).await.unwrap();
+    store
+        .register(&top, HistoryId(u64::MAX - 10), 0)
+        .await
+        .unwrap();
     let l = Lease::new(Duration::from_secs(10));
-    assert!(matches!(store.begin(&top, HistoryId(u64::MAX), &l).await.unwrap(), Begin::Leased { .. }));
-    store.commit(&top, &l, HistoryId(u64::MAX - 10), HistoryId(u64::MAX), &[], true).await.unwrap();
+    assert!(matches!(
+        store.begin(&top, HistoryId(u64::MAX), &l).await.unwrap(),
+        Begin::Leased { .. }
+    ));
+    store
+        .commit(
+            &top,
+            &l,
+            HistoryId(u64::MAX - 10),
+            HistoryId(u64::MAX),
+            &[],
+            true,
+        )
+        .await
+        .unwrap();
     assert_eq!(store.cursor(&top).await.unwrap(), Some(HistoryId(u64::MAX)));
-    assert!(matches!(store.begin(&top, HistoryId(u64::MAX - 1), &l).await.unwrap(), Begin::UpToDate { .. }));
+    assert!(matches!(
+        store
+            .begin(&top, HistoryId(u64::MAX - 1), &l)
+            .await
+            .unwrap(),
+        Begin::UpToDate { .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,15 +162,29 @@ async fn unknown_and_disabled_mailboxes_are_reported_by_begin() {
     let store = bed.store().await;
     let lease = Lease::new(Duration::from_secs(5));
     let m = Mailbox::parse("nobody@example.com").unwrap();
-    assert_eq!(store.begin(&m, HistoryId(5), &lease).await.unwrap(), Begin::Unknown);
+    assert_eq!(
+        store.begin(&m, HistoryId(5), &lease).await.unwrap(),
+        Begin::Unknown
+    );
     // Marking an unknown mailbox must not create it.
     store.mark_attention(&m, "x").await.unwrap();
     assert_eq!(store.cursor(&m).await.unwrap(), None);
     let d = Mailbox::parse("revoked@example.com").unwrap();
     store.register(&d, HistoryId(10), 0).await.unwrap();
     store.mark_attention(&d, "invalid_grant").await.unwrap();
-    assert_eq!(store.begin(&d, HistoryId(50), &lease).await.unwrap(), Begin::Disabled { cursor: HistoryId(10) });
+    assert_eq!(
+        store.begin(&d, HistoryId(50), &lease).await.unwrap(),
+        Begin::Disabled {
+            cursor: HistoryId(10)
+        }
+    );
     // `mailbox add` re-enables and keeps the cursor.
-    assert_eq!(store.register(&d, HistoryId(99), 0).await.unwrap(), (false, HistoryId(10)));
-    assert!(matches!(store.begin(&d, HistoryId(50), &lease).await.unwrap(), Begin::Leased { .. }));
+    assert_eq!(
+        store.register(&d, HistoryId(99), 0).await.unwrap(),
+        (false, HistoryId(10))
+    );
+    assert!(matches!(
+        store.begin(&d, HistoryId(50), &lease).await.unwrap(),
+        Begin::Leased { .. }
+    ));
 }
