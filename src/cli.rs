@@ -3,7 +3,7 @@
 
 use crate::config::{Config, help_table};
 use crate::mailbox::Mailbox;
-use crate::telemetry::Counters;
+use crate::telemetry::{Counters, LogTarget};
 use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -77,7 +77,7 @@ pub async fn execute(cli: Cli) -> i32 {
             0
         }
         Command::Run => {
-            crate::telemetry::init_logging();
+            crate::telemetry::init_logging(LogTarget::Stdout);
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
             match crate::app::run(config, shutdown, Arc::new(Counters::default())).await {
@@ -89,7 +89,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::Mailbox(MailboxCommand::Add { emails }) => {
-            crate::telemetry::init_logging();
+            crate::telemetry::init_logging(LogTarget::Stderr);
             match add_mailboxes(&config, &emails).await {
                 Ok(()) => 0,
                 Err(e) => {

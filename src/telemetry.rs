@@ -13,17 +13,27 @@ use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Installs the JSON logger on stdout, filtered by `RUST_LOG` (default `info`).
+/// Where log lines go: the worker logs to stdout (collected by the platform); admin commands
+/// log to stderr so their stdout carries only their result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    Stderr,
+}
+
+/// Installs the JSON logger, filtered by `RUST_LOG` (default `info`).
 /// Safe to call more than once (tests run several workers in one process): later calls no-op.
-pub fn init_logging() {
+pub fn init_logging(target: LogTarget) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .fmt_fields(JsonFields::new())
-        .event_format(CloudLoggingJson)
-        .with_writer(std::io::stdout)
-        .try_init();
+        .event_format(CloudLoggingJson);
+    let _ = match target {
+        LogTarget::Stdout => builder.with_writer(std::io::stdout).try_init(),
+        LogTarget::Stderr => builder.with_writer(std::io::stderr).try_init(),
+    };
 }
 
 /// One JSON object per line: `severity`, `message`, `time`, `target`, event fields, span fields.
@@ -107,8 +117,10 @@ macro_rules! counters {
         #[derive(Default, Debug)]
         pub struct Counters {
             $( $(#[$doc])* pub $name: AtomicU64, )*
-            /// publish → ack latency of acked notifications.
+            /// Pub/Sub publish → ack latency of acked notifications.
             pub ack_latency: LatencyHistogram,
+            /// Receive → ack latency: the part of the above spent in this worker.
+            pub handling_latency: LatencyHistogram,
         }
 
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -251,12 +263,7 @@ pub async fn log_summaries(
 /// One line with every counter and the publish → ack latency quantiles.
 pub fn log_summary(counters: &Counters, message: &str) {
     let s = counters.snapshot();
-    let ms = |q| {
-        counters
-            .ack_latency
-            .quantile(q)
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let ms = |h: &LatencyHistogram, q| h.quantile(q).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     tracing::info!(
         received = s.received,
         acked_without_work = s.acked_without_work,
@@ -276,8 +283,10 @@ pub fn log_summary(counters: &Counters, message: &str) {
         gmail_quota_units = s.gmail_quota_units,
         gmail_rate_limited = s.gmail_rate_limited,
         gmail_transient_errors = s.gmail_transient_errors,
-        ack_latency_p50_ms = ms(0.5),
-        ack_latency_p99_ms = ms(0.99),
+        ack_latency_p50_ms = ms(&counters.ack_latency, 0.5),
+        ack_latency_p99_ms = ms(&counters.ack_latency, 0.99),
+        handling_latency_p50_ms = ms(&counters.handling_latency, 0.5),
+        handling_latency_p99_ms = ms(&counters.handling_latency, 0.99),
         "{message}"
     );
 }

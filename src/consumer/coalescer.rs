@@ -20,7 +20,7 @@ use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Something that can be acked. Dropping it without `ack` gives the message back (nack), as
 /// the Pub/Sub `Handler` does.
@@ -40,6 +40,8 @@ pub struct Waiter<A> {
     pub ack: A,
     /// Pub/Sub publish time, for the publish → ack latency.
     pub published: Option<SystemTime>,
+    /// When this process received it, for the receive → ack latency (the worker's own part).
+    pub received: Instant,
     /// A sync started after this waiter arrived (so its result speaks for it).
     seen_by_sync: bool,
 }
@@ -50,6 +52,7 @@ impl<A> Waiter<A> {
             history_id,
             ack,
             published,
+            received: Instant::now(),
             seen_by_sync: false,
         }
     }

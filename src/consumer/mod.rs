@@ -284,6 +284,7 @@ impl Consumer {
             if let Some(latency) = w.published.and_then(|p| now.duration_since(p).ok()) {
                 self.counters.ack_latency.record(latency);
             }
+            self.counters.handling_latency.record(w.received.elapsed());
             w.ack.ack();
         }
     }

@@ -529,3 +529,45 @@ async fn works_on_a_three_master_redis_cluster() {
     assert_eq!(bed.check_against_ledger().await.unwrap(), 32);
     worker.stop().await.unwrap();
 }
+
+/// I1: a notification whose change history does not show yet (Gmail may notify before
+/// history.list catches up) is not acked; it is retried and acked once the cursor passes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_ahead_of_history_waits_for_it() {
+    let mut bed = Bed::start("ahead").await;
+    let mailbox = emails("ahead", 1).remove(0);
+    bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
+    let worker = bed.start_worker();
+    settle(&worker).await;
+    let before = worker.snapshot();
+    let ahead = bed.sim.current_history_id(&mailbox) + 30;
+    bed.publish(format!(r#"{{"emailAddress":"{mailbox}","historyId":"{ahead}"}}"#).as_bytes())
+        .await;
+    // The worker syncs, finds history behind the notification, and keeps it unacked.
+    assert!(
+        eventually(Duration::from_secs(20), || worker.snapshot().received
+            > before.received)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = worker.snapshot();
+    assert_eq!(
+        s.acked_after_sync + s.acked_without_work,
+        before.acked_after_sync + before.acked_without_work,
+        "acked too early: {s:?}"
+    );
+    // History catches up (simulated changes raise the historyId past the notification's).
+    while bed.sim.current_history_id(&mailbox) < ahead {
+        bed.sim.deliver(&mailbox, &["INBOX"]);
+    }
+    bed.wait_caught_up(CATCH_UP).await.unwrap();
+    settle(&worker).await;
+    let s = worker.snapshot();
+    assert_eq!(s.nacked, 0, "{s:?}");
+    assert!(
+        s.acked_after_sync + s.acked_without_work
+            > before.acked_after_sync + before.acked_without_work
+    );
+    bed.check_against_ledger().await.unwrap();
+    worker.stop().await.unwrap();
+}

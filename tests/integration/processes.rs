@@ -211,3 +211,50 @@ async fn startup_fails_clearly_on_bad_configuration() {
         assert!(help.contains(v.name), "--help lacks {}", v.name);
     }
 }
+
+/// `gmail-sync mailbox add` watches the mailbox on the configured topic and stores its
+/// baseline; adding it again keeps the cursor (idempotent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_add_is_idempotent_and_keeps_the_cursor() {
+    let bed = Bed::start("cliadd").await;
+    let email = "cli.user@example.com";
+    bed.sim.add_mailbox(email);
+    let bin = env!("CARGO_BIN_EXE_gmail-sync");
+    let add = || {
+        Command::new(bin)
+            .args(["mailbox", "add", email])
+            .envs(bed.env())
+            .output()
+            .unwrap()
+    };
+    let first = add();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let r1: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(r1["created"], true);
+    assert_eq!(
+        bed.sim.watch_topic(email).as_deref(),
+        Some(bed.topic.topic.as_str())
+    );
+    bed.sim.deliver(email, &["INBOX"]);
+    let second = add();
+    assert!(second.status.success());
+    let r2: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(r2["created"], false);
+    assert_eq!(
+        r2["cursor"], r1["cursor"],
+        "the stored cursor must not move"
+    );
+    assert_ne!(r2["watch_history_id"], r1["watch_history_id"]);
+
+    let bad = Command::new(bin)
+        .args(["mailbox", "add", "not-an-address"])
+        .envs(bed.env())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not-an-address"));
+}

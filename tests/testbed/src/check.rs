@@ -36,7 +36,11 @@ pub async fn read_streams<C: redis::aio::ConnectionLike + Send>(
 /// For every mailbox in `baselines` (mailbox → baseline cursor), the entries must be exactly
 /// the ledger's visible changes after the baseline, in order, none twice (I4, I5); and no entry
 /// may belong to another mailbox. Returns the number of entries checked.
-pub fn compare(ledger: &Ledger, entries: &[StreamEntry], baselines: &BTreeMap<String, u64>) -> Result<usize, String> {
+pub fn compare(
+    ledger: &Ledger,
+    entries: &[StreamEntry],
+    baselines: &BTreeMap<String, u64>,
+) -> Result<usize, String> {
     let mut by_mailbox: BTreeMap<&str, Vec<&StreamEntry>> = BTreeMap::new();
     for e in entries {
         let mailbox = e.get("mailbox").map(String::as_str).unwrap_or("");
@@ -48,7 +52,7 @@ pub fn compare(ledger: &Ledger, entries: &[StreamEntry], baselines: &BTreeMap<St
             .changes_for(email)
             .into_iter()
             .filter(|c| c.has_record() && c.history_id > *baseline)
-            .map(|c| expected_line(&c))
+            .map(expected_line)
             .collect();
         let actual: Vec<String> = by_mailbox
             .get(email.as_str())
@@ -71,7 +75,9 @@ pub fn compare(ledger: &Ledger, entries: &[StreamEntry], baselines: &BTreeMap<St
         total += actual.len();
     }
     if let Some(stranger) = by_mailbox.keys().find(|m| !baselines.contains_key(**m)) {
-        return Err(format!("entries for a mailbox that was never registered: {stranger:?}"));
+        return Err(format!(
+            "entries for a mailbox that was never registered: {stranger:?}"
+        ));
     }
     Ok(total)
 }
@@ -86,8 +92,14 @@ fn expected_line(c: &ChangeEntry) -> String {
     let (kind, labels) = match c.kind {
         ChangeKind::MessageAdded => ("message_added", String::new()),
         ChangeKind::MessageDeleted => ("message_deleted", String::new()),
-        ChangeKind::LabelAdded => ("labels_added", sorted_labels(c.label_ids.iter().map(String::as_str))),
-        ChangeKind::LabelRemoved => ("labels_removed", sorted_labels(c.label_ids.iter().map(String::as_str))),
+        ChangeKind::LabelAdded => (
+            "labels_added",
+            sorted_labels(c.label_ids.iter().map(String::as_str)),
+        ),
+        ChangeKind::LabelRemoved => (
+            "labels_removed",
+            sorted_labels(c.label_ids.iter().map(String::as_str)),
+        ),
         ChangeKind::Invisible => ("invisible", String::new()),
     };
     format!("{kind} {} {} {labels}", c.history_id, c.message_id)
@@ -101,5 +113,9 @@ fn actual_line(e: &StreamEntry) -> String {
     } else {
         String::new()
     };
-    format!("{kind} {} {} {labels}", get("history_id"), get("message_id"))
+    format!(
+        "{kind} {} {} {labels}",
+        get("history_id"),
+        get("message_id")
+    )
 }

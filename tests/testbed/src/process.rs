@@ -58,6 +58,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct free TCP ports on 127.0.0.1 (all sockets are held until every port is chosen).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local_addr of a bound socket").port())
+        .collect()
+}
+
 /// The per-test-process directory `temp_dir()/gmail-sync-testbed-<pid>` (created on first use;
 /// a stale one left by an earlier process with the same PID is removed first).
 pub fn testbed_dir() -> &'static Path {

@@ -220,6 +220,11 @@ impl Emulator {
         self.child.is_running()
     }
 
+    /// SIGKILL (never on the [`shared`] emulator: other tests use it).
+    pub fn kill(&self) {
+        self.child.kill();
+    }
+
     /// The last `n` lines of the emulator's log.
     pub fn log_tail(&self, n: usize) -> String {
         self.child.log_tail(n)

@@ -6,7 +6,7 @@
 //! PING); they take `&self`, so a server can sit in an `Arc` or a static. From async code that
 //! must not block its runtime thread, call them through `tokio::task::spawn_blocking`.
 
-use crate::process::{ChildGuard, find_executable, free_port, fresh_dir};
+use crate::process::{ChildGuard, find_executable, free_port, free_ports, fresh_dir};
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -83,8 +83,9 @@ fn spawn_server(
     Ok(child)
 }
 
-/// Waits (bounded by [`READY_TIMEOUT`]) until the server answers PING; fails early with the
-/// log tail if the process exits.
+/// Waits (bounded by [`READY_TIMEOUT`]) until the server answers PING and reports our child's
+/// PID (not some other server that took the port); fails early with the log tail if the
+/// process exits.
 fn wait_ready(child: &ChildGuard, port: u16) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -96,7 +97,18 @@ fn wait_ready(child: &ChildGuard, port: u16) -> Result<()> {
             );
         }
         match query_string(port, &["PING"], Duration::from_millis(500)) {
-            Ok(pong) if pong == "PONG" => return Ok(()),
+            Ok(pong) if pong == "PONG" => {
+                let info = query_string(port, &["INFO", "server"], Duration::from_secs(1))?;
+                let want = format!("process_id:{}", child.pid());
+                if info.lines().any(|l| l.trim() == want) {
+                    return Ok(());
+                }
+                bail!(
+                    "port {port} is served by another redis-server, not {} (pid {})",
+                    child.name(),
+                    child.pid()
+                );
+            }
             Ok(_) | Err(_) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -258,10 +270,11 @@ impl RedisCluster {
             let mut started = None;
             let mut last_err = None;
             for _ in 0..START_ATTEMPTS {
-                let port = free_port();
                 // Redis ≥ 7 lets us pick the cluster bus port; the default (port + 10000) could be
                 // taken or beyond 65535 for an ephemeral port.
-                let bus = free_port();
+                let [port, bus] = free_ports(2)[..] else {
+                    unreachable!("two ports")
+                };
                 let extra = [
                     "--cluster-enabled".to_owned(),
                     "yes".to_owned(),

@@ -35,7 +35,10 @@ OPTIONS:
 
 Prints `gmail-sim listening on http://127.0.0.1:P` and serves until Ctrl-C / SIGTERM.";
 
-fn parse_args() -> anyhow::Result<(SimConfig, Vec<(String, Option<u64>)>)> {
+/// Mailboxes to create at start: (email, initial historyId).
+type StartMailboxes = Vec<(String, Option<u64>)>;
+
+fn parse_args() -> anyhow::Result<(SimConfig, StartMailboxes)> {
     let mut cfg = SimConfig {
         pubsub_endpoint: std::env::var("PUBSUB_EMULATOR_HOST")
             .ok()
@@ -109,9 +112,7 @@ fn parse_args() -> anyhow::Result<(SimConfig, Vec<(String, Option<u64>)>)> {
             "--max-concurrent" => cfg.quota.max_concurrent_per_user = Some(val()?.parse()?),
             "--gmail-quota" => cfg.quota = QuotaConfig::gmail(),
             "--quota-403" => cfg.quota_error_style = QuotaErrorStyle::Forbidden,
-            "--token-lifetime-secs" => {
-                cfg.token_lifetime = Duration::from_secs(val()?.parse()?)
-            }
+            "--token-lifetime-secs" => cfg.token_lifetime = Duration::from_secs(val()?.parse()?),
             "--retention-secs" => {
                 cfg.history_retention = Some(Duration::from_secs(val()?.parse()?))
             }

@@ -152,7 +152,9 @@ impl Auth {
         let token = form
             .get("refresh_token")
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| OAuthError::invalid_request("Missing required parameter: refresh_token"))?;
+            .ok_or_else(|| {
+                OAuthError::invalid_request("Missing required parameter: refresh_token")
+            })?;
         let client_id = form.get("client_id").map(String::as_str).unwrap_or("");
         let client_secret = form.get("client_secret").map(String::as_str).unwrap_or("");
         if client_id.is_empty() {
@@ -236,7 +238,9 @@ impl Auth {
         if let Some(want) = &self.service_account_email
             && claims.iss.as_deref() != Some(want.as_str())
         {
-            return Err(OAuthError::invalid_grant("Invalid JWT: iss is not the service account."));
+            return Err(OAuthError::invalid_grant(
+                "Invalid JWT: iss is not the service account.",
+            ));
         }
         if claims.iss.as_deref().is_none_or(str::is_empty) {
             return Err(OAuthError::invalid_request("Invalid JWT: missing iss."));

@@ -19,6 +19,11 @@
 //! | `POST /_sim/tokens/refresh` | `{"token","email"}`; `POST /_sim/tokens/refresh/revoke` `{"token"}` |
 //! | `POST /_sim/tokens/static` | `{"token"}`; `POST /_sim/tokens/expire` `{"email"?}` |
 //! | `GET /_sim/stats` | → counters |
+//!
+//! Fault rules in JSON: `{"endpoint"?: "getProfile"|"historyList"|"messagesList"|"messagesGet"|
+//! "watch"|"stop"|"token", "mailbox"?: "a@b", "remaining"?: n, "action": A}` with `A` one of
+//! `{"kind":"status","status":503,"reason"?,"message"?,"domain"?,"retryAfter"?}`,
+//! `{"kind":"latency","millis":200}`, `{"kind":"hang"}`, `{"kind":"expiredToken"}`.
 
 use super::Inner;
 use super::config::{QuotaConfig, QuotaErrorStyle};
@@ -44,7 +49,10 @@ pub(crate) fn routes() -> Router<Arc<Inner>> {
         .route("/_sim/mailboxes", post(add_mailbox).get(list_mailboxes))
         .route("/_sim/mailboxes/{email}", get(get_mailbox))
         .route("/_sim/mailboxes/{email}/deliver", post(deliver))
-        .route("/_sim/mailboxes/{email}/messages/{id}/delete", post(delete_message))
+        .route(
+            "/_sim/mailboxes/{email}/messages/{id}/delete",
+            post(delete_message),
+        )
         .route("/_sim/mailboxes/{email}/messages/{id}/modify", post(modify))
         .route("/_sim/mailboxes/{email}/burst", post(burst))
         .route("/_sim/mailboxes/{email}/touch", post(touch))
@@ -69,9 +77,9 @@ struct CtlError(SimError);
 impl IntoResponse for CtlError {
     fn into_response(self) -> Response {
         let code = match &self.0 {
-            SimError::UnknownMailbox(_) | SimError::UnknownMessage(_) | SimError::UnknownThread(_) => {
-                StatusCode::NOT_FOUND
-            }
+            SimError::UnknownMailbox(_)
+            | SimError::UnknownMessage(_)
+            | SimError::UnknownThread(_) => StatusCode::NOT_FOUND,
             SimError::MailboxExists(_) => StatusCode::CONFLICT,
             SimError::Invalid(_) => StatusCode::BAD_REQUEST,
         };
@@ -105,7 +113,11 @@ fn u64_of(v: &Value) -> Result<u64, SimError> {
 
 async fn add_mailbox(State(inner): S, Json(b): Json<AddMailbox>) -> R {
     let initial = b.history_id.as_ref().map(u64_of).transpose()?;
-    let h = inner.state.lock().expect("state").add_mailbox(&b.email, initial)?;
+    let h = inner
+        .state
+        .lock()
+        .expect("state")
+        .add_mailbox(&b.email, initial)?;
     Ok(Json(json!({"email": b.email, "historyId": h.to_string()})))
 }
 

@@ -92,8 +92,13 @@ impl ApiError {
 
     /// 400 `failedPrecondition` "Mail service not enabled" (an account without Gmail).
     pub fn mail_service_not_enabled() -> Self {
-        ApiError::new(400, "global", "failedPrecondition", "Mail service not enabled")
-            .with_status("FAILED_PRECONDITION")
+        ApiError::new(
+            400,
+            "global",
+            "failedPrecondition",
+            "Mail service not enabled",
+        )
+        .with_status("FAILED_PRECONDITION")
     }
 
     /// 429 "Too many concurrent requests for user".
@@ -115,8 +120,13 @@ impl ApiError {
         } else {
             "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'."
         };
-        ApiError::new(code, "usageLimits", reason, format!("{what}  Retry after {when}"))
-            .with_retry_after(Some(retry_after))
+        ApiError::new(
+            code,
+            "usageLimits",
+            reason,
+            format!("{what}  Retry after {when}"),
+        )
+        .with_retry_after(Some(retry_after))
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -192,7 +202,11 @@ pub fn default_reason(code: u16) -> (&'static str, &'static str, &'static str) {
         429 => ("global", "rateLimitExceeded", "Too many requests"),
         500 => ("global", "backendError", "Internal error encountered."),
         502 => ("global", "badGateway", "Bad Gateway"),
-        503 => ("global", "backendError", "The service is currently unavailable."),
+        503 => (
+            "global",
+            "backendError",
+            "The service is currently unavailable.",
+        ),
         504 => ("global", "backendError", "Deadline exceeded"),
         _ => ("global", "unknown", "Error"),
     }

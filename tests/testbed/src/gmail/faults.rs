@@ -192,9 +192,7 @@ impl Faults {
         }
         let pos = self.rules.iter().position(|(_, r)| {
             r.endpoint.is_none_or(|e| e == endpoint)
-                && r.mailbox
-                    .as_deref()
-                    .is_none_or(|m| Some(m) == mailbox)
+                && r.mailbox.as_deref().is_none_or(|m| Some(m) == mailbox)
                 && r.remaining != Some(0)
         })?;
         let rule = &mut self.rules[pos].1;

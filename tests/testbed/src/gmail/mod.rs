@@ -38,6 +38,15 @@
 //! - Pipeline order of every Gmail call: auth → mailbox → concurrency limit → injected fault →
 //!   quota → handler. Units are charged only when the quota check admits the call (so a 404 or
 //!   400 from the handler is charged; auth errors, faults and quota refusals are not).
+//! - Notification delay (`notify_delay`) is applied after the historyId is read, per
+//!   notification, so delayed notifications can arrive out of order (as in the field).
+//!
+//! # Not modelled
+//! `q` search, threads/labels/drafts endpoints, batch requests, message bodies (`full`/`raw`
+//! answer like `metadata`), scopes (any token may call any endpoint), the daily project quota,
+//! checking that the watch topic exists or grants publish to Gmail (a missing topic shows as a
+//! `Failed` notification in the ledger), push delivery via HTTPS push subscriptions, and the
+//! minutes-long delay before `stop` takes effect (it is immediate here).
 
 pub mod auth;
 pub mod config;
@@ -378,7 +387,11 @@ impl GmailSim {
     }
 
     pub fn add_static_token(&self, token: &str) {
-        self.inner.auth.lock().expect("auth").add_static_token(token);
+        self.inner
+            .auth
+            .lock()
+            .expect("auth")
+            .add_static_token(token);
     }
 
     /// Withdraws (false) or restores domain-wide delegation for a mailbox: the JWT grant then
@@ -464,5 +477,4 @@ impl GmailSim {
     pub async fn stopped(&self) {
         self.inner.cancel.cancelled().await
     }
-
 }

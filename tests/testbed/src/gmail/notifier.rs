@@ -43,7 +43,9 @@ impl Publishers {
             .get_or_init(|| async {
                 BasePublisher::builder()
                     .with_endpoint(endpoint.clone())
-                    .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+                    .with_credentials(
+                        google_cloud_auth::credentials::anonymous::Builder::new().build(),
+                    )
                     .build()
                     .await
                     .map_err(|e| format!("connecting to the Pub/Sub emulator at {endpoint}: {e}"))
@@ -88,8 +90,8 @@ async fn fire(inner: &Arc<Inner>, job: NotifyJob) {
             return;
         };
         let knobs = inner.knobs.lock().expect("knobs").clone();
-        let dropped =
-            knobs.drop_probability > 0.0 && st.notify_rng.random_bool(knobs.drop_probability.min(1.0));
+        let dropped = knobs.drop_probability > 0.0
+            && st.notify_rng.random_bool(knobs.drop_probability.min(1.0));
         let delay = knobs.delay.map(|(lo, hi)| {
             if hi > lo {
                 st.notify_rng.random_range(lo..=hi)

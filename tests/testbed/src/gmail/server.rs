@@ -186,7 +186,10 @@ async fn gate(
     let cost = endpoint.cost();
     let (refusal, style) = {
         let mut q = inner.quota.lock().expect("quota");
-        (q.charge(&email, cost).err(), inner.knobs.lock().expect("knobs").quota_style)
+        (
+            q.charge(&email, cost).err(),
+            inner.knobs.lock().expect("knobs").quota_style,
+        )
     };
     if let Some(r) = refusal {
         let e = match (r, style) {

@@ -74,10 +74,12 @@ impl<'a> HistoryRecordJson<'a> {
             labels_removed: Vec::new(),
         };
         match r.kind {
-            ChangeKind::MessageAdded => out.messages_added.push(MessageChangeJson { message: msg() }),
-            ChangeKind::MessageDeleted => {
-                out.messages_deleted.push(MessageChangeJson { message: msg() })
-            }
+            ChangeKind::MessageAdded => out
+                .messages_added
+                .push(MessageChangeJson { message: msg() }),
+            ChangeKind::MessageDeleted => out
+                .messages_deleted
+                .push(MessageChangeJson { message: msg() }),
             ChangeKind::LabelAdded => out.labels_added.push(LabelChangeJson {
                 message: msg(),
                 label_ids: &r.changed,
@@ -132,8 +134,7 @@ pub(crate) struct MessageJson<'a> {
     pub thread_id: &'a str,
     #[serde(skip_serializing_if = "is_empty")]
     pub label_ids: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub snippet: Option<&'a str>,
+    pub snippet: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadJson>,
     pub size_estimate: u64,
@@ -168,7 +169,7 @@ impl<'a> MessageJson<'a> {
             id: &m.id,
             thread_id: &m.thread_id,
             label_ids: &m.labels,
-            snippet: with_metadata.then_some(m.snippet.as_str()),
+            snippet: &m.snippet,
             payload,
             size_estimate: m.size_estimate,
             history_id: m.history_id.to_string(),
