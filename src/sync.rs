@@ -351,48 +351,34 @@ struct Progress {
     changes: u64,
 }
 
-/// History records → change entries, in history order.
+/// History records → change entries, in history order (within a record: added, deleted,
+/// labels added, labels removed; Gmail puts one kind of change in a record).
 pub fn entries_of(records: &[HistoryRecord]) -> Vec<ChangeEntry> {
     let mut out = Vec::new();
     for r in records {
-        for c in &r.messages_added {
-            let m = &c.message;
+        let added = r
+            .messages_added
+            .iter()
+            .map(|c| (ChangeKind::MessageAdded, &c.message, &c.message.label_ids));
+        let deleted = r
+            .messages_deleted
+            .iter()
+            .map(|c| (ChangeKind::MessageDeleted, &c.message, &c.message.label_ids));
+        let labeled = r
+            .labels_added
+            .iter()
+            .map(|c| (ChangeKind::LabelsAdded, &c.message, &c.label_ids));
+        let unlabeled = r
+            .labels_removed
+            .iter()
+            .map(|c| (ChangeKind::LabelsRemoved, &c.message, &c.label_ids));
+        for (kind, m, labels) in added.chain(deleted).chain(labeled).chain(unlabeled) {
             out.push(ChangeEntry::message(
-                ChangeKind::MessageAdded,
+                kind,
                 r.id,
                 &m.id,
                 &m.thread_id,
-                &m.label_ids,
-            ));
-        }
-        for c in &r.messages_deleted {
-            let m = &c.message;
-            out.push(ChangeEntry::message(
-                ChangeKind::MessageDeleted,
-                r.id,
-                &m.id,
-                &m.thread_id,
-                &m.label_ids,
-            ));
-        }
-        for c in &r.labels_added {
-            let m = &c.message;
-            out.push(ChangeEntry::message(
-                ChangeKind::LabelsAdded,
-                r.id,
-                &m.id,
-                &m.thread_id,
-                &c.label_ids,
-            ));
-        }
-        for c in &r.labels_removed {
-            let m = &c.message;
-            out.push(ChangeEntry::message(
-                ChangeKind::LabelsRemoved,
-                r.id,
-                &m.id,
-                &m.thread_id,
-                &c.label_ids,
+                labels,
             ));
         }
     }

@@ -1,7 +1,7 @@
-//! The small harness every integration test uses: a `Bed` = Redis + the shared Pub/Sub emulator
-//! + a Gmail simulator + a fresh topic/subscription + a random key prefix, and helpers to run
-//! workers (in-process through `app::run`, exactly as `main` does, or as real processes), read
-//! the change streams, and compare them with the simulator's ledger.
+//! The small harness every integration test uses: a `Bed` is Redis, the shared Pub/Sub
+//! emulator, a Gmail simulator, a fresh topic and subscription and a random key prefix; with
+//! helpers to run workers (in-process through `app::run`, exactly as `main` does, or as real
+//! processes), read the change streams, and compare them with the simulator's ledger.
 
 use gmail_sync::config::Config;
 use gmail_sync::history_id::HistoryId;

@@ -20,6 +20,15 @@ fn wait_exit(
     None
 }
 
+/// stdout and stderr of a finished command, as text.
+fn combined(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn sigterm(pid: u32) {
     let ok = Command::new("kill")
         .arg("-TERM")
@@ -172,11 +181,7 @@ async fn startup_fails_clearly_on_bad_configuration() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let all = combined(&out);
     assert!(all.contains("GMAIL_SYNC_SUBSCRIPTION"), "{all}");
 
     let missing = bed
@@ -191,11 +196,7 @@ async fn startup_fails_clearly_on_bad_configuration() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let all = combined(&out);
     assert!(
         all.contains("not usable") && all.contains("does-not-exist-"),
         "{all}"
@@ -257,4 +258,84 @@ async fn mailbox_add_is_idempotent_and_keeps_the_cursor() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not-an-address"));
+}
+
+/// I4 with a stale lease holder: a worker paused (SIGSTOP) in the middle of a sync loses its
+/// lease; another sync takes over and commits; when the paused worker resumes, its commit is
+/// refused, so nothing is written twice, and it then acks without work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_that_lost_its_lease_cannot_write() {
+    use gmail_sync::history_id::HistoryId;
+    use gmail_sync::mailbox::Mailbox;
+    use gmail_sync::sync::{SyncOutcome, Syncer};
+    use gmail_sync::telemetry::Counters;
+    use std::sync::Arc;
+
+    let mut bed = Bed::start("stale").await;
+    let email = emails("stale", 1).remove(0);
+    bed.add_mailboxes(std::slice::from_ref(&email)).await;
+    let a = bed.spawn_worker_process("worker-a", &[("GMAIL_SYNC_MAILBOX_LEASE_MS", "2000")]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            FaultAction::Latency { millis: 1500 },
+        )
+        .times(1),
+    );
+    bed.sim.deliver(&email, &["INBOX"]);
+    assert!(
+        crate::harness::eventually(Duration::from_secs(20), || bed.sim.in_flight(&email) > 0).await
+    );
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .arg(sig)
+                .arg(a.pid().to_string())
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    // Past the lease TTL, another sync (acting as a second worker) takes over and commits.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let config = bed.config();
+    let counters = Arc::new(Counters::default());
+    let syncer = Syncer::new(
+        gmail_sync::app::gmail_client(&config, counters.clone()).unwrap(),
+        bed.store().await,
+        config.sync.clone(),
+        counters,
+        config.log_mailbox,
+    );
+    let m = Mailbox::parse(&email).unwrap();
+    let target = HistoryId(bed.sim.current_history_id(&email));
+    let outcome = syncer
+        .sync(&m, target, &tokio_util::sync::CancellationToken::new())
+        .await;
+    assert!(
+        matches!(outcome, SyncOutcome::Synced { changes: 1, .. }),
+        "{outcome:?}"
+    );
+    signal("-CONT");
+    // The resumed worker's commit is refused; it retries, finds the cursor covered, acks.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        bed.check_against_ledger().await.unwrap(),
+        1,
+        "{}",
+        a.log_tail(20)
+    );
+    sigterm(a.pid());
+    assert_eq!(
+        wait_exit(&a, Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
+    let log = std::fs::read_to_string(a.log_path()).unwrap();
+    assert!(
+        log.contains("lease"),
+        "the paused worker reports its lost lease:\n{}",
+        a.log_tail(20)
+    );
 }
