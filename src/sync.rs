@@ -14,14 +14,13 @@
 
 use crate::config::{MailboxLogStyle, SyncSettings};
 use crate::gmail::wire::HistoryRecord;
-use crate::gmail::{GmailClient, GmailError};
+use crate::gmail::{GmailClient, GmailError, REQUESTS_IN_TASK};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use crate::store::{Begin, ChangeEntry, ChangeKind, Lease, Store, StoreError};
 use crate::telemetry::Counters;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -136,28 +135,30 @@ impl Syncer {
             mailbox = %mailbox.for_log(self.log_style),
             from = %cursor,
             target = %target,
-            to = tracing::field::Empty,
-            pages = tracing::field::Empty,
-            changes = tracing::field::Empty,
-            gmail_calls = tracing::field::Empty,
         );
-        let calls_before = self.counters.gmail_calls.load(Relaxed);
         let work = self.run(mailbox, &lease, cursor);
-        let result = tokio::select! {
-            result = self.holding_lease(mailbox, &lease, work).instrument(span.clone()) => result,
-            _ = cancel.cancelled() => Err(SyncError::Cancelled),
-        };
-        span.record(
-            "gmail_calls",
-            self.counters.gmail_calls.load(Relaxed) - calls_before,
-        );
+        let (result, gmail_calls) = REQUESTS_IN_TASK
+            .scope(std::cell::Cell::new(0), async {
+                let result = tokio::select! {
+                    result = self.holding_lease(mailbox, &lease, work) => result,
+                    _ = cancel.cancelled() => Err(SyncError::Cancelled),
+                };
+                (result, REQUESTS_IN_TASK.with(|n| n.get()))
+            })
+            .instrument(span.clone())
+            .await;
         match result {
             Ok(progress) => {
                 Counters::inc(&self.counters.syncs);
-                span.record("to", tracing::field::display(progress.cursor));
-                span.record("pages", progress.pages);
-                span.record("changes", progress.changes);
-                span.in_scope(|| tracing::debug!("sync committed"));
+                span.in_scope(|| {
+                    tracing::debug!(
+                        to = %progress.cursor,
+                        pages = progress.pages,
+                        changes = progress.changes,
+                        gmail_calls,
+                        "sync committed"
+                    )
+                });
                 SyncOutcome::Synced {
                     cursor: progress.cursor,
                     changes: progress.changes,
@@ -166,20 +167,30 @@ impl Syncer {
             Err(e) => {
                 // Best effort: the TTL frees the lease anyway if this fails.
                 let _ = self.store.release_lease(mailbox, &lease).await;
-                if matches!(e, SyncError::Cancelled) {
-                    span.in_scope(|| tracing::info!("sync cancelled by shutdown"));
-                } else if e.is_retryable() {
-                    Counters::inc(&self.counters.sync_errors_retryable);
-                    span.in_scope(|| tracing::warn!(error = %e, "sync failed, will retry"));
+                let permanent = !e.is_retryable();
+                let marked = if permanent {
+                    self.store.mark_attention(mailbox, &e.to_string()).await
                 } else {
-                    Counters::inc(&self.counters.sync_errors_permanent);
-                    span.in_scope(|| {
-                        tracing::error!(error = %e, "sync failed permanently; mailbox marked as needing attention")
-                    });
-                    if let Err(mark) = self.store.mark_attention(mailbox, &e.to_string()).await {
+                    Ok(())
+                };
+                span.in_scope(|| {
+                    if matches!(e, SyncError::Cancelled) {
+                        tracing::info!(gmail_calls, "sync cancelled by shutdown");
+                    } else if !permanent {
+                        Counters::inc(&self.counters.sync_errors_retryable);
+                        tracing::warn!(error = %e, gmail_calls, "sync failed, will retry");
+                    } else {
+                        Counters::inc(&self.counters.sync_errors_permanent);
+                        tracing::error!(
+                            error = %e,
+                            gmail_calls,
+                            "sync failed permanently; mailbox marked as needing attention"
+                        );
+                    }
+                    if let Err(mark) = marked {
                         tracing::warn!(error = %mark, "could not mark the mailbox as needing attention");
                     }
-                }
+                });
                 SyncOutcome::Failed(e)
             }
         }

@@ -296,6 +296,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn log_lines_carry_cloud_logging_fields_and_span_fields() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(JsonFields::new())
+            .event_format(CloudLoggingJson)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("sync", mailbox = "abc", from = 7u64);
+            span.in_scope(|| tracing::warn!(changes = 3u64, "sync failed, will retry"));
+        });
+        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let line: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(line["severity"], "WARNING");
+        assert_eq!(line["message"], "sync failed, will retry");
+        assert_eq!(line["mailbox"], "abc");
+        assert_eq!(line["from"], 7);
+        assert_eq!(line["changes"], 3);
+        assert_eq!(line["span"], "sync");
+        assert!(
+            time::OffsetDateTime::parse(
+                line["time"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn histogram_quantiles_are_close() {
         let h = LatencyHistogram::default();
         for ms in 1..=100u64 {

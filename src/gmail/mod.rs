@@ -98,6 +98,12 @@ impl GmailError {
     }
 }
 
+tokio::task_local! {
+    /// Gmail requests sent by the current task, retries included: a sync scopes it to report
+    /// its own calls (a global counter delta would include concurrent syncs).
+    pub static REQUESTS_IN_TASK: std::cell::Cell<u32>;
+}
+
 #[derive(Clone)]
 pub struct GmailClient {
     http: reqwest::Client,
@@ -256,6 +262,7 @@ impl GmailClient {
     ) -> Result<T, Attempt> {
         Counters::inc(&self.counters.gmail_calls);
         Counters::add(&self.counters.gmail_quota_units, method.quota_units());
+        let _ = REQUESTS_IN_TASK.try_with(|n| n.set(n.get() + 1));
         let response = build(&self.http)
             .header(reqwest::header::AUTHORIZATION, token.bearer_value())
             .send()
