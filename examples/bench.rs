@@ -27,11 +27,7 @@ use std::time::{Duration, Instant};
 use support::{Testbed, cpu_and_peak_rss, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
-    support::run_worker_if_asked();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(bench())
+    support::main(bench)
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -18,11 +18,7 @@ use std::time::{Duration, Instant};
 use support::{Testbed, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
-    support::run_worker_if_asked();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(demo())
+    support::main(demo)
 }
 
 async fn demo() -> anyhow::Result<()> {

@@ -417,11 +417,7 @@ impl Config {
             gmail: GmailSettings {
                 api_url: api_url.trim_end_matches('/').to_string(),
                 dev_access_token: env.opt("GMAIL_SYNC_DEV_ACCESS_TOKEN").map(Secret),
-                request_timeout: Duration::from_secs(env.num(
-                    "GMAIL_SYNC_GMAIL_TIMEOUT_SECS",
-                    1,
-                    600,
-                )?),
+                request_timeout: env.secs("GMAIL_SYNC_GMAIL_TIMEOUT_SECS", 1, 600)?,
                 max_attempts: env.num("GMAIL_SYNC_GMAIL_MAX_ATTEMPTS", 1, 20)? as u32,
             },
             consumer: ConsumerSettings {
@@ -432,25 +428,13 @@ impl Config {
                     1,
                     1_000_000,
                 )? as i64,
-                ack_extension: Duration::from_secs(env.num(
-                    "GMAIL_SYNC_ACK_EXTENSION_SECS",
-                    10,
-                    600,
-                )?),
-                max_lease: Duration::from_secs(env.num("GMAIL_SYNC_MAX_LEASE_SECS", 60, 3600)?),
-                shutdown_timeout: Duration::from_secs(env.num(
-                    "GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS",
-                    0,
-                    3600,
-                )?),
+                ack_extension: env.secs("GMAIL_SYNC_ACK_EXTENSION_SECS", 10, 600)?,
+                max_lease: env.secs("GMAIL_SYNC_MAX_LEASE_SECS", 60, 3600)?,
+                shutdown_timeout: env.secs("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", 0, 3600)?,
                 sync_retries: env.num("GMAIL_SYNC_SYNC_RETRIES", 0, 100)? as u32,
             },
             sync: SyncSettings {
-                mailbox_lease: Duration::from_millis(env.num(
-                    "GMAIL_SYNC_MAILBOX_LEASE_MS",
-                    1_000,
-                    3_600_000,
-                )?),
+                mailbox_lease: env.millis("GMAIL_SYNC_MAILBOX_LEASE_MS", 1_000, 3_600_000)?,
                 history_page_size: env.num("GMAIL_SYNC_HISTORY_PAGE_SIZE", 1, 500)? as u32,
                 resync_max_messages: env.num("GMAIL_SYNC_RESYNC_MAX_MESSAGES", 0, 1_000_000)?
                     as u32,
@@ -514,6 +498,14 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     fn str_or(&self, name: &str) -> String {
         self.opt(name)
             .unwrap_or_else(|| Self::default_of(name).to_string())
+    }
+
+    fn secs(&self, name: &'static str, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.num(name, min, max).map(Duration::from_secs)
+    }
+
+    fn millis(&self, name: &'static str, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.num(name, min, max).map(Duration::from_millis)
     }
 
     fn num(&self, name: &'static str, min: u64, max: u64) -> Result<u64, ConfigError> {

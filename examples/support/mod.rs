@@ -21,8 +21,20 @@ use std::time::{Duration, Instant};
 
 pub const DEV_TOKEN: &str = "demo-dev-token";
 
+/// The examples' `main`: as a worker (`--worker`) run `gmail-sync run` and exit; otherwise run
+/// `body` on a multi-threaded runtime.
+pub fn main<F: std::future::Future<Output = anyhow::Result<()>>>(
+    body: impl FnOnce() -> F,
+) -> anyhow::Result<()> {
+    run_worker_if_asked();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(body())
+}
+
 /// If this process was started as a worker, run it and exit; otherwise return.
-pub fn run_worker_if_asked() {
+fn run_worker_if_asked() {
     if std::env::args().nth(1).as_deref() != Some("--worker") {
         return;
     }
