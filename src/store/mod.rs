@@ -7,7 +7,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced_at` (epoch ms), `watch_exp` (epoch ms), `attention` (reason, only when set) |
-//! | `{P:sN}:lease:EMAIL` | string | random token of the worker syncing EMAIL (PX TTL) |
+//! | `{P:sN}:lease:EMAIL` | string | `HOST:PID:RANDOM` token of the worker syncing EMAIL (PX TTL) |
 //! | `{P:sN}:changes` | stream | change entries of the shard's mailboxes (schema v1 below) |
 //! | `{P:sN}:watch` | zset | EMAIL scored by watch expiration (epoch ms) |
 //! | `{P}:quarantine` | stream | malformed notifications: `reason`, `data` (original bytes), `message_id`, `publish_time`, `received_at` |
@@ -262,10 +262,11 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// A fresh random token: 128 bits, so no two attempts ever share one.
+    /// A fresh token: `HOST:PID:RANDOM`. 128 random bits make it unique per attempt; host (the
+    /// pod name in Kubernetes) and pid tell an operator who holds a mailbox.
     pub fn new(ttl: Duration) -> Lease {
         Lease {
-            token: format!("{:032x}", rand::random::<u128>()),
+            token: format!("{}:{:032x}", holder_identity(), rand::random::<u128>()),
             ttl,
         }
     }
@@ -273,6 +274,28 @@ impl Lease {
     fn ttl_ms(&self) -> u64 {
         (self.ttl.as_millis() as u64).max(1)
     }
+}
+
+/// `HOST:PID` of this process, computed once.
+fn holder_identity() -> &'static str {
+    static IDENTITY: LazyLock<String> = LazyLock::new(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
+            .take(64)
+            .collect();
+        format!(
+            "{}:{}",
+            if host.is_empty() { "unknown" } else { &host },
+            std::process::id()
+        )
+    });
+    &IDENTITY
 }
 
 /// A malformed message on its way to the quarantine stream.

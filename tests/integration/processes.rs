@@ -346,3 +346,59 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
         a.log_tail(20)
     );
 }
+
+/// I1/I2 under a crash: the worker syncing a mailbox is killed with SIGKILL while it waits for
+/// Gmail. Its lease expires; its unacked notification comes back (the emulator redelivers a
+/// killed subscriber's messages after a long delay, see reference/emulator.md) to the other
+/// worker, which syncs; the change streams end exactly equal to the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_sync_loses_nothing_and_duplicates_nothing() {
+    let mut bed = Bed::start("crash").await;
+    let email = emails("crash", 1).remove(0);
+    bed.add_mailboxes(std::slice::from_ref(&email)).await;
+    let a = bed.spawn_worker_process("worker-a", &[]);
+    let b = bed.spawn_worker_process("worker-b", &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            FaultAction::Latency { millis: 3000 },
+        )
+        .times(1),
+    );
+    bed.sim.deliver(&email, &["INBOX"]);
+    assert!(
+        crate::harness::eventually(Duration::from_secs(20), || bed.sim.in_flight(&email) > 0).await
+    );
+    // The lease value names the holder: HOST:PID:RANDOM.
+    let mut con = redis::Client::open(bed.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = bed
+        .store()
+        .await
+        .keys()
+        .lease(&gmail_sync::mailbox::Mailbox::parse(&email).unwrap());
+    let holder: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let pid: u32 = holder.split(':').nth(1).unwrap().parse().unwrap();
+    let (victim, survivor) = if pid == a.pid() { (&a, &b) } else { (&b, &a) };
+    assert_eq!(victim.pid(), pid, "the lease holder is one of our workers");
+    victim.kill();
+    bed.sim.deliver(&email, &["INBOX", "UNREAD"]);
+    if let Err(e) = bed.wait_caught_up(Duration::from_secs(200)).await {
+        panic!("{e}\n{}", survivor.log_tail(20));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bed.check_against_ledger().await.unwrap(), 2);
+    sigterm(survivor.pid());
+    assert_eq!(
+        wait_exit(survivor, Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
+}
