@@ -43,7 +43,7 @@ impl Default for BedOptions {
 pub struct Bed {
     pub emulator: &'static Emulator,
     /// Kept alive for the bed's lifetime (stopped on drop).
-    pub _own_redis: Option<RedisServer>,
+    pub own_redis: Option<RedisServer>,
     pub redis_url: String,
     /// Set to run against a Redis Cluster instead of `redis_url`.
     pub cluster_nodes: Option<String>,
@@ -86,7 +86,7 @@ impl Bed {
         let sim = GmailSim::start(sim_config).await.expect("gmail simulator");
         Bed {
             emulator,
-            _own_redis: own_redis,
+            own_redis,
             redis_url,
             cluster_nodes: None,
             sim,

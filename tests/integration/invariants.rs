@@ -631,3 +631,56 @@ async fn shutdown_cancels_what_does_not_finish_in_time() {
         "the cancelled sync wrote something"
     );
 }
+
+/// Redis goes away in the middle of a sync (it shuts down, saving its data, and comes back on
+/// the same port): nothing is acked while it is gone, the worker reconnects by itself, and the
+/// change streams end exactly equal to the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_sync_loses_nothing() {
+    let mut bed = Bed::with(
+        "rrestart",
+        BedOptions {
+            own_redis: true,
+            ..BedOptions::default()
+        },
+    )
+    .await;
+    let mailboxes = emails("rrestart", 3);
+    bed.add_mailboxes(&mailboxes).await;
+    let worker = bed.start_worker();
+    settle(&worker).await;
+    bed.sim.inject(
+        FaultRule::new(
+            Some(Endpoint::HistoryList),
+            FaultAction::Latency { millis: 1500 },
+        )
+        .for_mailbox(&mailboxes[0])
+        .times(1),
+    );
+    bed.sim.deliver(&mailboxes[0], &["INBOX"]);
+    assert!(
+        eventually(Duration::from_secs(20), || bed.sim.in_flight(&mailboxes[0])
+            > 0)
+        .await
+    );
+    // SHUTDOWN SAVE writes dump.rdb even without save points; the restart loads it.
+    let mut admin = redis::Client::open(bed.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _ = redis::cmd("SHUTDOWN")
+        .arg("SAVE")
+        .query_async::<()>(&mut admin)
+        .await;
+    for m in &mailboxes {
+        bed.sim.deliver(m, &["INBOX"]);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let redis = bed.own_redis.as_ref().unwrap();
+    tokio::task::block_in_place(|| redis.restart()).unwrap();
+    bed.wait_caught_up(Duration::from_secs(90)).await.unwrap();
+    settle(&worker).await;
+    assert_eq!(bed.check_against_ledger().await.unwrap(), 4);
+    worker.stop().await.unwrap();
+}
