@@ -259,15 +259,18 @@ impl Consumer {
         let done = done.clone();
         let cancel = cancel.clone();
         self.tracker.spawn(async move {
+            // Reports exactly once, even if the sync panics: the dispatcher counts syncs in
+            // flight and would otherwise wait for this one forever at shutdown.
+            let mut reporter = Reporter(Some((mailbox, done)));
+            let mailbox = &reporter.0.as_ref().expect("set above").0;
             let report = tokio::select! {
                 permit = permits.acquire_owned() => {
                     let _permit = permit.expect("the semaphore is never closed");
-                    report_of(syncer.sync(&mailbox, target, &cancel).await)
+                    report_of(syncer.sync(mailbox, target, &cancel).await)
                 }
                 _ = cancel.cancelled() => SyncReport::Aborted,
             };
-            // The dispatcher outlives every sync task (it waits for in_flight == 0).
-            let _ = done.send((mailbox, report));
+            reporter.send(report);
         });
     }
 
@@ -287,6 +290,25 @@ impl Consumer {
             self.counters.handling_latency.record(w.received.elapsed());
             w.ack.ack();
         }
+    }
+}
+
+/// Sends a sync's report to the dispatcher; if dropped unsent (the sync panicked), reports
+/// `Aborted`, so its waiters are nacked and the dispatcher's count stays right.
+struct Reporter(Option<(Mailbox, mpsc::UnboundedSender<(Mailbox, SyncReport)>)>);
+
+impl Reporter {
+    fn send(&mut self, report: SyncReport) {
+        if let Some((mailbox, done)) = self.0.take() {
+            // The dispatcher outlives every sync task (it waits for in_flight == 0).
+            let _ = done.send((mailbox, report));
+        }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.send(SyncReport::Aborted);
     }
 }
 
