@@ -6,7 +6,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced_at` (epoch ms), `watch_exp` (epoch ms), `attention` (reason, only when set) |
+//! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced_at` (epoch ms), `attention` (reason, only when set) |
 //! | `{P:sN}:lease:EMAIL` | string | `HOST:PID:RANDOM` token of the worker syncing EMAIL (PX TTL) |
 //! | `{P:sN}:changes` | stream | change entries of the shard's mailboxes (schema v1 below) |
 //! | `{P:sN}:watch` | zset | EMAIL scored by watch expiration (epoch ms) |

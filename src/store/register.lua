@@ -4,7 +4,6 @@
 -- ARGV[3] mailbox
 -- Returns {created (1/0), cursor}
 local created = redis.call('HSETNX', KEYS[1], 'cursor', ARGV[1])
-redis.call('HSET', KEYS[1], 'watch_exp', ARGV[2])
 redis.call('HDEL', KEYS[1], 'attention')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return {created, redis.call('HGET', KEYS[1], 'cursor')}
