@@ -38,7 +38,8 @@ static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("com
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
 static REGISTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("register.lua")));
 
-/// The schema version written in every change entry's `v` field.
+/// The schema version written in every change entry's `v` field (by commit.lua; a unit test
+/// keeps the two in step).
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// A single Redis or a cluster; both multiplex one connection per node, are cheap to clone and
@@ -602,6 +603,12 @@ fn parse_cursor(raw: &str) -> Result<HistoryId, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_script_writes_the_schema_version() {
+        let field = format!("'v', '{SCHEMA_VERSION}'");
+        assert!(include_str!("commit.lua").contains(&field));
+    }
 
     #[test]
     fn keys_of_one_mailbox_share_one_hash_tag() {

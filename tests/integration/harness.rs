@@ -60,6 +60,37 @@ impl Bed {
         Bed::with(label, BedOptions::default()).await
     }
 
+    /// A default bed with one registered mailbox, returned with its address.
+    pub async fn with_one_mailbox(label: &str) -> (Bed, String) {
+        let mut bed = Bed::start(label).await;
+        let email = emails(label, 1).remove(0);
+        bed.add_mailboxes(std::slice::from_ref(&email)).await;
+        (bed, email)
+    }
+
+    /// A plain connection to the bed's (single) Redis, for checks and admin commands.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Mailbox lease keys that exist right now (none once every worker stopped cleanly).
+    pub async fn lease_keys(&self) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(format!("{{{}:*}}:lease:*", self.prefix))
+            .query_async(&mut self.redis().await)
+            .await
+            .unwrap()
+    }
+
+    /// Calls the simulator answered on `endpoint` so far.
+    pub fn calls_to(&self, endpoint: gmail_sync_testbed::gmail::Endpoint) -> usize {
+        self.sim.ledger().calls_to(endpoint).len()
+    }
+
     pub async fn with(label: &str, opts: BedOptions) -> Bed {
         let emulator = pubsub::shared().await.expect("Pub/Sub emulator");
         let (own_redis, redis_url) = if opts.own_redis {

@@ -90,11 +90,7 @@ async fn ack_only_after_commit_when_redis_refuses_the_commit() {
         .times(1),
     );
     bed.sim.deliver(&mailbox, &["INBOX"]);
-    let mut admin = redis::Client::open(bed.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = bed.redis().await;
     // The sync holds the lease and waits for the slow history.list.
     assert!(eventually(Duration::from_secs(20), || bed.sim.in_flight(&mailbox) > 0).await);
     let _: () = redis::cmd("CONFIG")
@@ -148,24 +144,14 @@ async fn ack_only_after_commit_when_redis_refuses_the_commit() {
 /// when the cursor already covers them, are acked without calling Gmail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_out_of_order_notifications_write_nothing_twice() {
-    let mut bed = Bed::start("dups").await;
-    let mailbox = emails("dups", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
+    let (bed, mailbox) = Bed::with_one_mailbox("dups").await;
     let worker = bed.start_worker();
     for _ in 0..4 {
         bed.sim.deliver(&mailbox, &["INBOX"]);
     }
     bed.wait_caught_up(CATCH_UP).await.unwrap();
     settle(&worker).await;
-    let history_calls = || {
-        bed.sim
-            .ledger()
-            .calls()
-            .iter()
-            .filter(|c| c.endpoint == Endpoint::HistoryList)
-            .count()
-    };
-    let calls = history_calls();
+    let calls = bed.calls_to(Endpoint::HistoryList);
     let before = worker.snapshot();
     let current = bed.sim.current_history_id(&mailbox);
     let baseline = bed.baselines[&mailbox];
@@ -190,7 +176,7 @@ async fn duplicate_and_out_of_order_notifications_write_nothing_twice() {
     );
     settle(&worker).await;
     assert_eq!(
-        history_calls(),
+        bed.calls_to(Endpoint::HistoryList),
         calls,
         "covered notifications must not call Gmail"
     );
@@ -202,9 +188,7 @@ async fn duplicate_and_out_of_order_notifications_write_nothing_twice() {
 /// profile historyId read first, and changes made during the listing still arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_history_triggers_a_resync_that_loses_nothing() {
-    let mut bed = Bed::start("resync").await;
-    let mailbox = emails("resync", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
+    let (bed, mailbox) = Bed::with_one_mailbox("resync").await;
     let worker = bed.start_worker();
     for _ in 0..3 {
         bed.sim.deliver(&mailbox, &["INBOX"]);
@@ -226,16 +210,11 @@ async fn expired_history_triggers_a_resync_that_loses_nothing() {
     // worker's cursor is now older than the horizon and history.list answers 404.
     let listed_before = bed.sim.deliver(&mailbox, &["INBOX"]);
     bed.sim.expire_history(&mailbox);
-    let profile_calls = || {
-        bed.sim
-            .ledger()
-            .calls()
-            .iter()
-            .filter(|c| c.endpoint == Endpoint::GetProfile)
-            .count()
-    };
     assert!(
-        eventually(Duration::from_secs(30), || profile_calls() > 0).await,
+        eventually(Duration::from_secs(30), || bed
+            .calls_to(Endpoint::GetProfile)
+            > 0)
+        .await,
         "no resync started"
     );
     let during = bed.sim.deliver(&mailbox, &["INBOX", "IMPORTANT"]);
@@ -329,11 +308,7 @@ async fn malformed_and_unknown_notifications_are_acked_and_recorded() {
     );
     assert_eq!(s.nacked, 0);
 
-    let mut con = redis::Client::open(bed.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = bed.redis().await;
     let key = bed.store().await.keys().quarantine();
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(&key)
@@ -534,9 +509,7 @@ async fn works_on_a_three_master_redis_cluster() {
 /// history.list catches up) is not acked; it is retried and acked once the cursor passes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_ahead_of_history_waits_for_it() {
-    let mut bed = Bed::start("ahead").await;
-    let mailbox = emails("ahead", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
+    let (bed, mailbox) = Bed::with_one_mailbox("ahead").await;
     let worker = bed.start_worker();
     settle(&worker).await;
     let before = worker.snapshot();
@@ -576,9 +549,7 @@ async fn a_notification_ahead_of_history_waits_for_it() {
 /// acked before `run` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_syncs_in_flight_finish() {
-    let mut bed = Bed::start("drain").await;
-    let mailbox = emails("drain", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
+    let (bed, mailbox) = Bed::with_one_mailbox("drain").await;
     let worker = bed.start_worker_with(&[("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", "5")]);
     settle(&worker).await;
     let before = worker.snapshot();
@@ -604,9 +575,7 @@ async fn shutdown_lets_syncs_in_flight_finish() {
 /// (exit code 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cancels_what_does_not_finish_in_time() {
-    let mut bed = Bed::start("cutoff").await;
-    let mailbox = emails("cutoff", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&mailbox)).await;
+    let (bed, mailbox) = Bed::with_one_mailbox("cutoff").await;
     let worker = bed.start_worker_with(&[("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", "1")]);
     bed.sim
         .inject(FaultRule::new(Some(Endpoint::HistoryList), FaultAction::Hang).times(1));
@@ -615,16 +584,7 @@ async fn shutdown_cancels_what_does_not_finish_in_time() {
     let counters = worker.counters.clone();
     worker.stop().await.unwrap();
     assert!(counters.snapshot().nacked >= 1, "{:?}", counters.snapshot());
-    let mut con = redis::Client::open(bed.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let leases: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{}:*}}:lease:*", bed.prefix))
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let leases = bed.lease_keys().await;
     assert!(leases.is_empty(), "{leases:?}");
     assert!(
         bed.entries().await.is_empty(),
@@ -664,11 +624,7 @@ async fn redis_restart_mid_sync_loses_nothing() {
         .await
     );
     // SHUTDOWN SAVE writes dump.rdb even without save points; the restart loads it.
-    let mut admin = redis::Client::open(bed.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = bed.redis().await;
     let _ = redis::cmd("SHUTDOWN")
         .arg("SAVE")
         .query_async::<()>(&mut admin)

@@ -90,16 +90,7 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
         let log = std::fs::read_to_string(w.log_path()).unwrap();
         assert!(log.contains("final summary"), "{}", w.log_tail(20));
     }
-    let mut con = redis::Client::open(bed.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let leases: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{}:*}}:lease:*", bed.prefix))
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let leases = bed.lease_keys().await;
     assert!(leases.is_empty(), "leases left behind: {leases:?}");
 }
 
@@ -278,9 +269,7 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
     use gmail_sync::telemetry::Counters;
     use std::sync::Arc;
 
-    let mut bed = Bed::start("stale").await;
-    let email = emails("stale", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&email)).await;
+    let (bed, email) = Bed::with_one_mailbox("stale").await;
     let a = bed.spawn_worker_process("worker-a", &[("GMAIL_SYNC_MAILBOX_LEASE_MS", "2000")]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     bed.sim.inject(
@@ -353,9 +342,7 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
 /// worker, which syncs; the change streams end exactly equal to the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_sync_loses_nothing_and_duplicates_nothing() {
-    let mut bed = Bed::start("crash").await;
-    let email = emails("crash", 1).remove(0);
-    bed.add_mailboxes(std::slice::from_ref(&email)).await;
+    let (bed, email) = Bed::with_one_mailbox("crash").await;
     let a = bed.spawn_worker_process("worker-a", &[]);
     let b = bed.spawn_worker_process("worker-b", &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -371,11 +358,7 @@ async fn a_worker_killed_mid_sync_loses_nothing_and_duplicates_nothing() {
         crate::harness::eventually(Duration::from_secs(20), || bed.sim.in_flight(&email) > 0).await
     );
     // The lease value names the holder: HOST:PID:RANDOM.
-    let mut con = redis::Client::open(bed.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = bed.redis().await;
     let key = bed
         .store()
         .await

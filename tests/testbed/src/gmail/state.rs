@@ -265,38 +265,7 @@ impl SimState {
         id: &str,
         labels: &[&str],
     ) -> Result<Option<u64>, SimError> {
-        let msg = self
-            .mailbox(email)?
-            .messages
-            .get(id)
-            .ok_or_else(|| SimError::UnknownMessage(id.to_string()))?;
-        let added = dedup(
-            labels
-                .iter()
-                .filter(|l| !msg.labels.iter().any(|m| m == *l))
-                .map(|s| s.to_string()),
-        );
-        if added.is_empty() {
-            return Ok(None);
-        }
-        let hid = self.advance(email)?;
-        let msg = self
-            .mailbox_mut(email)?
-            .messages
-            .get_mut(id)
-            .expect("message checked");
-        msg.labels.extend(added.iter().cloned());
-        msg.history_id = hid;
-        let (mid, tid, after) = (msg.id.clone(), msg.thread_id.clone(), msg.labels.clone());
-        self.record(
-            email,
-            hid,
-            ChangeKind::LabelAdded,
-            Some((&mid, &tid)),
-            added,
-            after,
-        );
-        Ok(Some(hid))
+        self.change_labels(email, id, labels, ChangeKind::LabelAdded)
     }
 
     /// Removes labels; only labels the message carried count. `None` if nothing changed.
@@ -306,18 +275,31 @@ impl SimState {
         id: &str,
         labels: &[&str],
     ) -> Result<Option<u64>, SimError> {
+        self.change_labels(email, id, labels, ChangeKind::LabelRemoved)
+    }
+
+    /// `kind` is `LabelAdded` or `LabelRemoved`: the labels that actually change make one
+    /// record; none make nothing.
+    fn change_labels(
+        &mut self,
+        email: &str,
+        id: &str,
+        labels: &[&str],
+        kind: ChangeKind,
+    ) -> Result<Option<u64>, SimError> {
+        let adding = kind == ChangeKind::LabelAdded;
         let msg = self
             .mailbox(email)?
             .messages
             .get(id)
             .ok_or_else(|| SimError::UnknownMessage(id.to_string()))?;
-        let removed = dedup(
+        let changed = dedup(
             labels
                 .iter()
-                .filter(|l| msg.labels.iter().any(|m| m == *l))
+                .filter(|l| msg.labels.iter().any(|m| m == *l) != adding)
                 .map(|s| s.to_string()),
         );
-        if removed.is_empty() {
+        if changed.is_empty() {
             return Ok(None);
         }
         let hid = self.advance(email)?;
@@ -326,17 +308,14 @@ impl SimState {
             .messages
             .get_mut(id)
             .expect("message checked");
-        msg.labels.retain(|l| !removed.contains(l));
+        if adding {
+            msg.labels.extend(changed.iter().cloned());
+        } else {
+            msg.labels.retain(|l| !changed.contains(l));
+        }
         msg.history_id = hid;
         let (mid, tid, after) = (msg.id.clone(), msg.thread_id.clone(), msg.labels.clone());
-        self.record(
-            email,
-            hid,
-            ChangeKind::LabelRemoved,
-            Some((&mid, &tid)),
-            removed,
-            after,
-        );
+        self.record(email, hid, kind, Some((&mid, &tid)), changed, after);
         Ok(Some(hid))
     }
 
