@@ -20,6 +20,38 @@ fn wait_exit(
     None
 }
 
+/// The process's sockets in LISTEN state (TCP and UDP-bound, v4 and v6), from /proc: the
+/// inodes of its socket fds matched against the kernel's socket tables.
+fn listening_sockets(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        !inodes.is_empty(),
+        "a running worker has sockets (Pub/Sub, Redis, Gmail)"
+    );
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // TCP state 0A = LISTEN; any UDP socket of ours would be a bound receiver.
+            let listening = table.starts_with("udp") || cols.get(3) == Some(&"0A");
+            if listening && cols.get(9).is_some_and(|i| inodes.iter().any(|n| n == i)) {
+                found.push(format!("{table}: {}", cols[1]));
+            }
+        }
+    }
+    found
+}
+
 /// stdout and stderr of a finished command, as text.
 fn combined(out: &std::process::Output) -> String {
     format!(
@@ -95,8 +127,9 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
 }
 
 /// I7: at trace level, with 401s (token refresh path) and 429s, the token never reaches the logs.
+/// I8: the worker process has no listening socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secrets_never_reach_the_logs_even_at_trace_level() {
+async fn secrets_never_reach_the_logs_and_no_port_is_open() {
     let mut bed = Bed::start("secrets").await;
     let mailboxes = emails("secrets", 2);
     bed.add_mailboxes(&mailboxes).await;
@@ -131,6 +164,11 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
         bed.sim.deliver(m, &["INBOX"]);
     }
     bed.wait_caught_up(Duration::from_secs(60)).await.unwrap();
+    // I8: the busy worker listens on nothing. (The detector does see listeners: this test
+    // process serves the Gmail simulator.)
+    assert!(!listening_sockets(std::process::id()).is_empty());
+    let listening = listening_sockets(w.pid());
+    assert!(listening.is_empty(), "the worker listens: {listening:?}");
     sigterm(w.pid());
     assert_eq!(
         wait_exit(&w, Duration::from_secs(30)).and_then(|s| s.code()),
