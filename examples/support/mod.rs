@@ -1,5 +1,6 @@
-//! Shared by the demo and the benchmark: the local test bed (Redis, Google's Pub/Sub emulator,
-//! the Gmail simulator) and worker processes.
+//! Shared by the demo and the benchmark: the local test bed (the test-support crate's façade,
+//! `gmail_sync_testbed::bed`: Redis, Google's Pub/Sub emulator, the Gmail simulator, worker
+//! processes and their ready files, the ledger check) plus what needs the product's types.
 //!
 //! Workers are real processes: the example binary re-executes itself with `--worker`, which runs
 //! exactly what `gmail-sync run` runs. So the worker's CPU and memory can be measured alone, and
@@ -9,15 +10,11 @@
 
 use gmail_sync::mailbox::Mailbox;
 use gmail_sync::telemetry::Counters;
-use gmail_sync_testbed::check;
-use gmail_sync_testbed::gmail::{GmailSim, SimConfig};
-use gmail_sync_testbed::process::ChildGuard;
-use gmail_sync_testbed::pubsub::{self, Emulator, TestTopic};
-use gmail_sync_testbed::redis_server::RedisServer;
+use gmail_sync_testbed::bed::{Options, RedisChoice, Testbed, WorkerProcess};
+use gmail_sync_testbed::gmail::SimConfig;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const DEV_TOKEN: &str = "demo-dev-token";
 
@@ -47,54 +44,45 @@ fn run_worker_if_asked() {
     std::process::exit(code);
 }
 
-pub struct Testbed {
-    pub redis: RedisServer,
-    pub emulator: Emulator,
-    pub sim: GmailSim,
-    pub topic: TestTopic,
-    pub prefix: String,
-    pub shards: u32,
-    pub baselines: BTreeMap<String, u64>,
-    pub dir: PathBuf,
+/// The examples' test bed: the shared façade (`gmail_sync_testbed::bed::Testbed`, reachable
+/// through `Deref`) with its own Redis and emulator, plus `mailbox add` through the product.
+pub struct Bed {
+    pub tb: Testbed,
 }
 
-impl Testbed {
-    pub async fn start(label: &str, mut sim: SimConfig) -> anyhow::Result<Testbed> {
-        let redis = RedisServer::start()?;
-        let emulator = Emulator::start().await?;
-        let topic = pubsub::unique_topic(&emulator, label, 10).await?;
-        sim.pubsub_endpoint = Some(emulator.endpoint());
-        sim.static_tokens.push(DEV_TOKEN.to_string());
-        let sim = GmailSim::start(sim).await?;
-        let dir = gmail_sync_testbed::process::fresh_dir(label)?;
-        Ok(Testbed {
-            redis,
-            emulator,
-            sim,
-            topic,
-            prefix: label.to_string(),
-            shards: 16,
-            baselines: BTreeMap::new(),
-            dir,
-        })
+impl std::ops::Deref for Bed {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.tb
     }
+}
 
-    pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("GMAIL_SYNC_SUBSCRIPTION", self.topic.subscription.clone()),
-            ("GMAIL_SYNC_TOPIC", self.topic.topic.clone()),
-            ("GMAIL_SYNC_REDIS_URL", self.redis.url()),
-            ("GMAIL_SYNC_KEY_PREFIX", self.prefix.clone()),
-            ("GMAIL_SYNC_SHARDS", self.shards.to_string()),
-            ("GMAIL_SYNC_GMAIL_API_URL", self.sim.base_url()),
-            ("GMAIL_SYNC_DEV_ACCESS_TOKEN", DEV_TOKEN.to_string()),
-            ("PUBSUB_EMULATOR_HOST", self.emulator.host_port()),
-            ("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", "10".to_string()),
-            ("GMAIL_SYNC_SUMMARY_INTERVAL_SECS", "0".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut Testbed {
+        &mut self.tb
+    }
+}
+
+impl Bed {
+    /// Redis, the emulator and the simulator of this example's own (stopped by PID when the
+    /// bed is dropped or the example exits), key prefix `label`, 16 shards.
+    pub async fn start(label: &str, sim: SimConfig) -> anyhow::Result<Bed> {
+        let options = Options {
+            redis: RedisChoice::Own,
+            own_emulator: true,
+            sim,
+            ack_deadline_secs: 10,
+            shards: 16,
+            dev_token: DEV_TOKEN.to_string(),
+            prefix: Some(label.to_string()),
+            worker_env: vec![
+                ("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS".into(), "10".into()),
+                ("GMAIL_SYNC_SUMMARY_INTERVAL_SECS".into(), "0".into()),
+            ],
+        };
+        Ok(Bed {
+            tb: Testbed::start(label, options).await?,
+        })
     }
 
     pub fn config(&self) -> gmail_sync::config::Config {
@@ -103,13 +91,14 @@ impl Testbed {
     }
 
     /// Creates the mailboxes in the simulator and registers them through the product, as
-    /// `gmail-sync mailbox add` does (users.watch on the topic + baseline cursor).
+    /// `gmail-sync mailbox add` does (users.watch on the topic + baseline cursor). Registering
+    /// a mailbox again (on a new topic) keeps its cursor and its baseline.
     pub async fn add_mailboxes(&mut self, emails: &[String]) -> anyhow::Result<()> {
         let config = self.config();
         let store = gmail_sync::app::connect_store(&config).await?;
         let gmail = gmail_sync::app::gmail_client(&config, Arc::new(Counters::default()))?;
         for email in emails {
-            if !self.baselines.contains_key(email) {
+            if !self.sim.has_mailbox(email) {
                 self.sim.add_mailbox(email);
             }
             let m = Mailbox::parse(email)?;
@@ -122,98 +111,25 @@ impl Testbed {
         Ok(())
     }
 
-    /// Starts a worker process (this example binary with `--worker`), waits until it is ready.
+    /// Starts a worker process (this example binary with `--worker`, a health directory of
+    /// its own) and waits until its ready file exists.
     pub async fn spawn_worker(
         &self,
         name: &str,
         extra: &[(&str, &str)],
-    ) -> anyhow::Result<ChildGuard> {
-        let health = self.dir.join(format!("{name}-health"));
-        let mut cmd = std::process::Command::new(std::env::current_exe()?);
-        cmd.arg("--worker")
-            .envs(self.env())
-            .env("GMAIL_SYNC_HEALTH_DIR", &health);
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let guard = ChildGuard::spawn(name, cmd, &self.dir)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !health.join("ready").exists() {
-            if !guard.is_running() || Instant::now() > deadline {
-                anyhow::bail!("worker {name} did not start:\n{}", guard.log_tail(20));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(guard)
-    }
-
-    /// Mailboxes whose cursor is behind the simulator's current historyId.
-    pub async fn behind(&self, store: &gmail_sync::store::Store) -> usize {
-        let mut n = 0;
-        for email in self.baselines.keys() {
-            let m = Mailbox::parse(email).unwrap();
-            let cursor = store
-                .cursor(&m)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-                .get();
-            if cursor < self.sim.current_history_id(email) {
-                n += 1;
-            }
-        }
-        n
-    }
-
-    pub async fn entries(&self) -> anyhow::Result<Vec<check::StreamEntry>> {
-        let config = self.config();
-        let mut con = gmail_sync::store::RedisConnection::connect(&config.redis).await?;
-        let streams = gmail_sync::store::KeyLayout::new(&self.prefix, self.shards).streams();
-        Ok(check::read_streams(&mut con, &streams).await?)
-    }
-
-    /// Entries in all change streams (XLEN), cheap enough for a progress line.
-    pub async fn entry_count(&self) -> anyhow::Result<u64> {
-        let config = self.config();
-        let mut con = gmail_sync::store::RedisConnection::connect(&config.redis).await?;
-        let mut n = 0u64;
-        for stream in gmail_sync::store::KeyLayout::new(&self.prefix, self.shards).streams() {
-            let len: u64 = redis::cmd("XLEN").arg(stream).query_async(&mut con).await?;
-            n += len;
-        }
-        Ok(n)
-    }
-
-    pub async fn check(&self) -> anyhow::Result<Result<usize, String>> {
-        let entries = self.entries().await?;
-        Ok(check::compare(
-            &self.sim.ledger(),
-            &entries,
-            &self.baselines,
-        ))
+    ) -> anyhow::Result<WorkerProcess> {
+        let exe = std::env::current_exe()?;
+        self.tb.start_worker(&exe, &["--worker"], name, extra).await
     }
 }
 
 /// SIGTERM, then wait (bounded) for the exit; returns the exit code.
-pub async fn stop_worker(w: &ChildGuard) -> Option<i32> {
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(w.pid().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Some(s) = w.try_status() {
-            return s.code();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    w.kill();
-    None
+pub async fn stop_worker(w: &WorkerProcess) -> Option<i32> {
+    w.terminate(Duration::from_secs(30)).await?.code()
 }
 
 /// The counters of the worker's last summary line (logged at exit).
-pub fn final_summary(w: &ChildGuard) -> Option<serde_json::Value> {
+pub fn final_summary(w: &WorkerProcess) -> Option<serde_json::Value> {
     let log = std::fs::read_to_string(w.log_path()).ok()?;
     log.lines()
         .rev()

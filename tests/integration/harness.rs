@@ -1,29 +1,31 @@
-//! The small harness every integration test uses: a `Bed` is Redis, the shared Pub/Sub
-//! emulator, a Gmail simulator, a fresh topic and subscription and a random key prefix; with
-//! helpers to run workers (in-process through `app::run`, exactly as `main` does, or as real
-//! processes), read the change streams, and compare them with the simulator's ledger.
+//! The small harness every integration test uses: a `Bed` is the test bed's façade
+//! (`gmail_sync_testbed::bed::Testbed`: Redis, the shared Pub/Sub emulator, a Gmail simulator,
+//! a fresh topic and subscription, a random key prefix, worker processes, change streams,
+//! ledger check) plus what needs the product's own types: a `Config` from the bed's
+//! environment, `mailbox add` through the registry, and workers inside the test process
+//! through `app::run`, exactly as `main` starts one.
 
 use gmail_sync::config::Config;
-use gmail_sync::history_id::HistoryId;
 use gmail_sync::mailbox::Mailbox;
 use gmail_sync::store::Store;
 use gmail_sync::telemetry::{Counters, CountersSnapshot};
-use gmail_sync_testbed::check;
-use gmail_sync_testbed::gmail::{GmailSim, SimConfig};
-use gmail_sync_testbed::process::ChildGuard;
-use gmail_sync_testbed::pubsub::{self, Emulator, TestTopic};
-use gmail_sync_testbed::redis_server::RedisServer;
-use std::collections::{BTreeMap, HashMap};
+use gmail_sync_testbed::bed::{self, Options, RedisChoice, Testbed};
+use gmail_sync_testbed::gmail::SimConfig;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use gmail_sync_testbed::bed::{Entry, WorkerProcess};
+
 pub const DEV_TOKEN: &str = "dev-token-7f3a9c-never-log-me";
 
 pub struct BedOptions {
-    /// Start a Redis of our own (tests that kill or reconfigure Redis).
-    pub own_redis: bool,
+    /// Which Redis: the shared one, one of the bed's own (tests that kill or reconfigure
+    /// Redis), or a three-master cluster.
+    pub redis: RedisChoice,
     pub sim: SimConfig,
     pub ack_deadline_secs: i32,
     pub shards: u32,
@@ -32,7 +34,7 @@ pub struct BedOptions {
 impl Default for BedOptions {
     fn default() -> Self {
         BedOptions {
-            own_redis: false,
+            redis: RedisChoice::Shared,
             sim: SimConfig::default(),
             ack_deadline_secs: 10,
             shards: 4,
@@ -40,19 +42,32 @@ impl Default for BedOptions {
     }
 }
 
+/// Worker settings of every test bed: short timeouts so failures show quickly.
+const TEST_WORKER_ENV: &[(&str, &str)] = &[
+    ("GMAIL_SYNC_ACK_EXTENSION_SECS", "10"),
+    ("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", "5"),
+    ("GMAIL_SYNC_SUMMARY_INTERVAL_SECS", "0"),
+    ("GMAIL_SYNC_MAILBOX_LEASE_MS", "5000"),
+    ("GMAIL_SYNC_GMAIL_TIMEOUT_SECS", "5"),
+];
+
+/// The façade (reachable through `Deref`: `bed.sim`, `bed.topic`, `bed.baselines`,
+/// `bed.wait_caught_up(..)`, `bed.check_against_ledger()`, ...) and the product-specific layer.
 pub struct Bed {
-    pub emulator: &'static Emulator,
-    /// Kept alive for the bed's lifetime (stopped on drop).
-    pub own_redis: Option<RedisServer>,
-    pub redis_url: String,
-    /// Set to run against a Redis Cluster instead of `redis_url`.
-    pub cluster_nodes: Option<String>,
-    pub sim: GmailSim,
-    pub topic: TestTopic,
-    pub prefix: String,
-    pub shards: u32,
-    /// Baseline cursor of every mailbox registered through the bed.
-    pub baselines: BTreeMap<String, u64>,
+    pub tb: Testbed,
+}
+
+impl std::ops::Deref for Bed {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.tb
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut Testbed {
+        &mut self.tb
+    }
 }
 
 impl Bed {
@@ -68,22 +83,34 @@ impl Bed {
         (bed, email)
     }
 
+    pub async fn with(label: &str, opts: BedOptions) -> Bed {
+        let options = Options {
+            redis: opts.redis,
+            own_emulator: false,
+            sim: opts.sim,
+            ack_deadline_secs: opts.ack_deadline_secs,
+            shards: opts.shards,
+            dev_token: DEV_TOKEN.to_string(),
+            prefix: None,
+            worker_env: TEST_WORKER_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let tb = Testbed::start(label, options)
+            .await
+            .unwrap_or_else(|e| panic!("test bed {label}: {e:#}"));
+        Bed { tb }
+    }
+
     /// A plain connection to the bed's (single) Redis, for checks and admin commands.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis_url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+        self.tb.connect_single().await.expect("redis connection")
     }
 
     /// Mailbox lease keys that exist right now (none once every worker stopped cleanly).
     pub async fn lease_keys(&self) -> Vec<String> {
-        redis::cmd("KEYS")
-            .arg(format!("{{{}:*}}:lease:*", self.prefix))
-            .query_async(&mut self.redis().await)
-            .await
-            .unwrap()
+        self.tb.lease_keys().await.expect("KEYS")
     }
 
     /// Calls the simulator answered on `endpoint` so far.
@@ -91,82 +118,8 @@ impl Bed {
         self.sim.ledger().calls_to(endpoint).len()
     }
 
-    pub async fn with(label: &str, opts: BedOptions) -> Bed {
-        let emulator = pubsub::shared().await.expect("Pub/Sub emulator");
-        let (own_redis, redis_url) = if opts.own_redis {
-            let r = RedisServer::start().expect("redis-server");
-            let url = r.url();
-            (Some(r), url)
-        } else {
-            (
-                None,
-                gmail_sync_testbed::redis_server::shared()
-                    .await
-                    .expect("redis-server")
-                    .url(),
-            )
-        };
-        let topic = pubsub::unique_topic(emulator, label, opts.ack_deadline_secs)
-            .await
-            .expect("topic and subscription");
-        let mut sim_config = opts.sim;
-        sim_config.pubsub_endpoint = Some(emulator.endpoint());
-        if !sim_config.static_tokens.iter().any(|t| t == DEV_TOKEN) {
-            sim_config.static_tokens.push(DEV_TOKEN.to_string());
-        }
-        let sim = GmailSim::start(sim_config).await.expect("gmail simulator");
-        Bed {
-            emulator,
-            own_redis,
-            redis_url,
-            cluster_nodes: None,
-            sim,
-            topic,
-            prefix: format!("t{}-{}", label, rand::random::<u32>()),
-            shards: opts.shards,
-            baselines: BTreeMap::new(),
-        }
-    }
-
-    /// The worker's environment for this bed (also used for child processes).
-    pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("GMAIL_SYNC_SUBSCRIPTION", self.topic.subscription.clone()),
-            ("GMAIL_SYNC_TOPIC", self.topic.topic.clone()),
-            ("GMAIL_SYNC_REDIS_URL", self.redis_url.clone()),
-            ("GMAIL_SYNC_KEY_PREFIX", self.prefix.clone()),
-            ("GMAIL_SYNC_SHARDS", self.shards.to_string()),
-            ("GMAIL_SYNC_GMAIL_API_URL", self.sim.base_url()),
-            ("GMAIL_SYNC_DEV_ACCESS_TOKEN", DEV_TOKEN.to_string()),
-            ("PUBSUB_EMULATOR_HOST", self.emulator.host_port()),
-            ("GMAIL_SYNC_ACK_EXTENSION_SECS", "10".to_string()),
-            ("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", "5".to_string()),
-            ("GMAIL_SYNC_SUMMARY_INTERVAL_SECS", "0".to_string()),
-            ("GMAIL_SYNC_MAILBOX_LEASE_MS", "5000".to_string()),
-            ("GMAIL_SYNC_GMAIL_TIMEOUT_SECS", "5".to_string()),
-            (
-                "GMAIL_SYNC_HEALTH_DIR",
-                std::env::temp_dir()
-                    .join(format!("gmail-sync-it-{}", self.prefix))
-                    .display()
-                    .to_string(),
-            ),
-        ]
-        .into_iter()
-        .chain(
-            self.cluster_nodes
-                .clone()
-                .map(|n| ("GMAIL_SYNC_REDIS_CLUSTER_NODES", n)),
-        )
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
-
     pub fn config_with(&self, overrides: &[(&str, &str)]) -> Config {
-        let mut env: HashMap<String, String> = self.env().into_iter().collect();
-        for (k, v) in overrides {
-            env.insert(k.to_string(), v.to_string());
-        }
+        let env: HashMap<String, String> = self.env_with(overrides).into_iter().collect();
         Config::from_lookup(|k| env.get(k).cloned()).expect("valid test config")
     }
 
@@ -186,37 +139,54 @@ impl Bed {
         let store = self.store().await;
         let gmail = gmail_sync::app::gmail_client(&config, Arc::new(Counters::default())).unwrap();
         for email in emails {
-            self.sim.add_mailbox(email);
+            if !self.sim.has_mailbox(email) {
+                self.sim.add_mailbox(email);
+            }
             let m = Mailbox::parse(email).unwrap();
             let r = gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m)
                 .await
                 .expect("mailbox add");
-            self.baselines.insert(m.to_string(), r.cursor.get());
+            self.baselines
+                .entry(m.to_string())
+                .or_insert(r.cursor.get());
         }
     }
 
-    /// A worker as a real `gmail-sync run` process (stdout + stderr in its log file).
-    pub fn spawn_worker_process(&self, name: &str, overrides: &[(&str, &str)]) -> ChildGuard {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gmail-sync"));
-        cmd.arg("run");
-        for (k, v) in self.env() {
-            cmd.env(k, v);
-        }
-        for (k, v) in overrides {
-            cmd.env(k, v);
-        }
-        let dir =
-            gmail_sync_testbed::process::fresh_dir(&format!("{}-{name}", self.prefix)).unwrap();
-        ChildGuard::spawn(name, cmd, &dir).expect("spawn gmail-sync")
+    /// A worker as a real `gmail-sync run` process (stdout + stderr in its log file, a health
+    /// directory of its own). Not waited for: call `wait_ready` before publishing.
+    pub fn spawn_worker_process(&self, name: &str, overrides: &[(&str, &str)]) -> WorkerProcess {
+        self.tb
+            .spawn_worker(
+                env!("CARGO_BIN_EXE_gmail-sync").as_ref(),
+                &["run"],
+                name,
+                overrides,
+            )
+            .expect("spawn gmail-sync")
     }
 
-    pub fn start_worker(&self) -> Worker {
-        self.start_worker_with(&[])
+    /// Waits until every worker process wrote its ready file (panics with the log tail if not).
+    pub async fn wait_ready(&self, workers: &[&WorkerProcess]) {
+        for w in workers {
+            w.wait_ready(bed::READY_TIMEOUT)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        }
     }
 
-    /// A worker inside this test process, started exactly as `main` starts one.
-    pub fn start_worker_with(&self, overrides: &[(&str, &str)]) -> Worker {
-        let config = self.config_with(overrides);
+    pub async fn start_worker(&self) -> Worker {
+        self.start_worker_with(&[]).await
+    }
+
+    /// A worker inside this test process, started exactly as `main` starts one, with a health
+    /// directory of its own; returns once its ready file exists (its Pub/Sub stream is open).
+    pub async fn start_worker_with(&self, overrides: &[(&str, &str)]) -> Worker {
+        let health_dir = self.fresh_health_dir("in-process");
+        let health = health_dir.display().to_string();
+        let mut all = vec![("GMAIL_SYNC_HEALTH_DIR", health.as_str())];
+        all.extend_from_slice(overrides);
+        let config = self.config_with(&all);
+        let health_dir = config.health_dir.clone();
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Counters::default());
         let task = tokio::spawn(gmail_sync::app::run(
@@ -224,90 +194,59 @@ impl Bed {
             shutdown.clone(),
             counters.clone(),
         ));
-        Worker {
+        let mut worker = Worker {
             shutdown,
             counters,
+            health_dir,
             task: Some(task),
-        }
+        };
+        worker.wait_ready().await;
+        worker
     }
 
     /// Every entry of every change stream, in stream order per shard.
     pub async fn entries(&self) -> Vec<Entry> {
-        let config = self.config();
-        let mut con = gmail_sync::store::RedisConnection::connect(&config.redis)
-            .await
-            .unwrap();
-        let streams = self.store().await.keys().streams();
-        check::read_streams(&mut con, &streams)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|fields| Entry { fields })
-            .collect()
-    }
-
-    /// Waits until every registered mailbox's cursor reached the simulator's current historyId.
-    pub async fn wait_caught_up(&self, timeout: Duration) -> Result<(), String> {
-        let store = self.store().await;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut behind = Vec::new();
-            for email in self.baselines.keys() {
-                let m = Mailbox::parse(email).unwrap();
-                let cursor = store.cursor(&m).await.unwrap().unwrap_or_default();
-                let current = HistoryId(self.sim.current_history_id(email));
-                if cursor < current {
-                    behind.push(format!("{email}: {cursor} < {current}"));
-                }
-            }
-            if behind.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} mailboxes behind: {:?}",
-                    behind.len(),
-                    &behind[..behind.len().min(5)]
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The change streams compared with the simulator's ledger (see `check::compare`).
-    pub async fn check_against_ledger(&self) -> Result<usize, String> {
-        let entries: Vec<_> = self.entries().await.into_iter().map(|e| e.fields).collect();
-        check::compare(&self.sim.ledger(), &entries, &self.baselines)
+        self.tb.entries().await.expect("reading the change streams")
     }
 
     /// A notification as Gmail would publish it, straight onto the topic.
     pub async fn publish(&self, payload: &[u8]) {
-        let publisher = pubsub::publisher(&self.emulator.endpoint(), &self.topic.topic)
-            .await
-            .unwrap();
-        pubsub::publish_raw(&publisher, payload).await.unwrap();
-    }
-}
-
-pub struct Entry {
-    pub fields: BTreeMap<String, String>,
-}
-
-impl Entry {
-    pub fn get(&self, field: &str) -> &str {
-        self.fields.get(field).map(String::as_str).unwrap_or("")
+        self.tb.publish(payload).await.expect("publish");
     }
 }
 
 pub struct Worker {
     pub shutdown: CancellationToken,
     pub counters: Arc<Counters>,
+    /// The worker's own `GMAIL_SYNC_HEALTH_DIR`.
+    pub health_dir: PathBuf,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Worker {
     pub fn snapshot(&self) -> CountersSnapshot {
         self.counters.snapshot()
+    }
+
+    /// Waits for the worker's ready file; panics with `run`'s error if it ended first.
+    async fn wait_ready(&mut self) {
+        let task = self.task.as_ref().expect("running");
+        let waited = bed::wait_ready_file(&self.health_dir, bed::READY_TIMEOUT, || {
+            task.is_finished().then(|| "app::run returned".to_string())
+        })
+        .await;
+        if let Err(e) = waited {
+            let outcome = if task.is_finished() {
+                match self.task.take().unwrap().await {
+                    Ok(Ok(())) => "Ok(())".to_string(),
+                    Ok(Err(e)) => format!("Err({e:#})"),
+                    Err(e) => format!("panicked: {e}"),
+                }
+            } else {
+                "still running".to_string()
+            };
+            panic!("in-process worker not ready: {e}; app::run: {outcome}");
+        }
     }
 
     /// Graceful stop; returns what `run` returned.
@@ -343,4 +282,33 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, mut cond: F) -> b
 
 pub fn emails(label: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{label}{i}@example.com")).collect()
+}
+
+/// How long a test waits for the worker to catch up with the simulator.
+pub const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Waits until the worker has handled every delivery it received (acked or nacked) and nothing
+/// new arrived for a while (15 rounds of 100 ms; bounded to 40 s).
+pub async fn settle(worker: &Worker) {
+    let mut last = u64::MAX;
+    let mut stable_rounds = 0;
+    for _ in 0..400 {
+        let s = worker.snapshot();
+        let handled = s.acked_without_work
+            + s.acked_after_sync
+            + s.nacked
+            + s.quarantined
+            + s.unknown_mailbox
+            + s.disabled_mailbox;
+        if s.received == handled && s.received == last {
+            stable_rounds += 1;
+            if stable_rounds >= 15 {
+                return;
+            }
+        } else {
+            stable_rounds = 0;
+        }
+        last = s.received;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,7 +1,20 @@
 //! Integration tests of gmail-sync against the real parts: Redis, Google's Pub/Sub emulator, and
 //! the Gmail simulator (whose ledger is the truth). One binary, so the emulator is shared.
+//!
+//! Invariant tests (a worker started exactly as `main` starts one), one file per topic:
+//! `end_to_end`, `ack_and_commit` (I1, I2), `duplicates` (I4), `resync` (I5), `bad_input` (I6),
+//! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`; the commit script directly: `store`;
+//! the real binary as processes: `processes`.
 
+mod ack_and_commit;
+mod bad_input;
+mod cluster;
+mod duplicates;
+mod end_to_end;
+mod gmail_errors;
 mod harness;
-mod invariants;
 mod processes;
+mod redis_faults;
+mod resync;
+mod shutdown;
 mod store;

@@ -6,19 +6,8 @@ use gmail_sync_testbed::gmail::{Endpoint, FaultAction, FaultRule, SimConfig};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn wait_exit(
-    guard: &gmail_sync_testbed::process::ChildGuard,
-    timeout: Duration,
-) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(status) = guard.try_status() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
+/// How long a worker may take to exit after SIGTERM.
+const EXIT: Duration = Duration::from_secs(30);
 
 /// The process's sockets in LISTEN state (TCP and UDP-bound, v4 and v6), from /proc: the
 /// inodes of its socket fds matched against the kernel's socket tables.
@@ -61,15 +50,6 @@ fn combined(out: &std::process::Output) -> String {
     )
 }
 
-fn sigterm(pid: u32) {
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// Two worker processes on one subscription, bursts on shared mailboxes: the change streams
 /// are exactly the ledger (no loss, no duplicate), then SIGTERM stops both with exit code 0 and
 /// no lease left behind.
@@ -93,7 +73,7 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
     let a = bed.spawn_worker_process("worker-a", &[]);
     let b = bed.spawn_worker_process("worker-b", &[]);
     // Both must be attached before we publish (emulator quirk: see reference/emulator.md).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.wait_ready(&[&a, &b]).await;
     for round in 0..5 {
         for m in &mailboxes {
             bed.sim.burst(m, 6);
@@ -101,6 +81,7 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
         if round % 2 == 0 {
             bed.sim.deliver(&mailboxes[0], &["INBOX"]);
         }
+        // Traffic pacing (five bursts spread over a second), not a wait for anything.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if let Err(e) = bed.wait_caught_up(Duration::from_secs(90)).await {
@@ -110,20 +91,22 @@ async fn two_worker_processes_with_bursts_produce_exactly_the_ledger() {
             b.log_tail(30)
         );
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let n = bed.check_against_ledger().await.unwrap();
     assert!(n >= 300, "{n}");
 
-    sigterm(a.pid());
-    sigterm(b.pid());
+    a.sigterm();
+    b.sigterm();
     for w in [&a, &b] {
-        let status = wait_exit(w, Duration::from_secs(30)).expect("worker exits after SIGTERM");
+        let status = w.wait_exit(EXIT).await.expect("worker exits after SIGTERM");
         assert_eq!(status.code(), Some(0), "{}", w.log_tail(20));
         let log = std::fs::read_to_string(w.log_path()).unwrap();
         assert!(log.contains("final summary"), "{}", w.log_tail(20));
     }
     let leases = bed.lease_keys().await;
     assert!(leases.is_empty(), "leases left behind: {leases:?}");
+    // Once both have exited nothing can write any more: a late duplicate (the bug this test
+    // hunts) would show here.
+    assert_eq!(bed.check_against_ledger().await.unwrap(), n);
 }
 
 /// I7: at trace level, with 401s (token refresh path) and 429s, the token never reaches the logs.
@@ -159,7 +142,7 @@ async fn secrets_never_reach_the_logs_and_no_port_is_open() {
         "trace",
         &[("RUST_LOG", "trace"), ("GMAIL_SYNC_LOG_MAILBOX", "plain")],
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.wait_ready(&[&w]).await;
     for m in &mailboxes {
         bed.sim.deliver(m, &["INBOX"]);
     }
@@ -169,11 +152,8 @@ async fn secrets_never_reach_the_logs_and_no_port_is_open() {
     assert!(!listening_sockets(std::process::id()).is_empty());
     let listening = listening_sockets(w.pid());
     assert!(listening.is_empty(), "the worker listens: {listening:?}");
-    sigterm(w.pid());
-    assert_eq!(
-        wait_exit(&w, Duration::from_secs(30)).and_then(|s| s.code()),
-        Some(0)
-    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(EXIT).await.and_then(|s| s.code()), Some(0));
     let log = std::fs::read(w.log_path()).unwrap();
     let text = String::from_utf8_lossy(&log);
     assert!(text.len() > 10_000, "trace logging produced little output");
@@ -309,7 +289,7 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
 
     let (bed, email) = Bed::with_one_mailbox("stale").await;
     let a = bed.spawn_worker_process("worker-a", &[("GMAIL_SYNC_MAILBOX_LEASE_MS", "2000")]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.wait_ready(&[&a]).await;
     bed.sim.inject(
         FaultRule::new(
             Some(Endpoint::HistoryList),
@@ -332,8 +312,26 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
         )
     };
     signal("-STOP");
-    // Past the lease TTL, another sync (acting as a second worker) takes over and commits.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Past the lease TTL (the paused worker cannot renew it, so the key expires), another sync
+    // (acting as a second worker) takes over and commits.
+    let lease_key = bed.keys().lease(&email);
+    let mut con = bed.redis().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&lease_key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if !exists {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the paused worker's lease did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let config = bed.config();
     let counters = Arc::new(Counters::default());
     let syncer = Syncer::new(
@@ -353,18 +351,30 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
         "{outcome:?}"
     );
     signal("-CONT");
-    // The resumed worker's commit is refused; it retries, finds the cursor covered, acks.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The resumed worker's commit is refused ("mailbox lease lost" in its log); it retries,
+    // finds the cursor covered, acks. Bounded wait for the log line; the assertions follow.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline
+        && !std::fs::read_to_string(a.log_path())
+            .unwrap_or_default()
+            .contains("lease lost")
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         bed.check_against_ledger().await.unwrap(),
         1,
         "{}",
         a.log_tail(20)
     );
-    sigterm(a.pid());
+    a.sigterm();
+    assert_eq!(a.wait_exit(EXIT).await.and_then(|s| s.code()), Some(0));
+    // The worker has exited: nothing can write any more.
     assert_eq!(
-        wait_exit(&a, Duration::from_secs(30)).and_then(|s| s.code()),
-        Some(0)
+        bed.check_against_ledger().await.unwrap(),
+        1,
+        "{}",
+        a.log_tail(20)
     );
     let log = std::fs::read_to_string(a.log_path()).unwrap();
     assert!(
@@ -383,7 +393,7 @@ async fn a_worker_killed_mid_sync_loses_nothing_and_duplicates_nothing() {
     let (bed, email) = Bed::with_one_mailbox("crash").await;
     let a = bed.spawn_worker_process("worker-a", &[]);
     let b = bed.spawn_worker_process("worker-b", &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.wait_ready(&[&a, &b]).await;
     bed.sim.inject(
         FaultRule::new(
             Some(Endpoint::HistoryList),
@@ -415,11 +425,12 @@ async fn a_worker_killed_mid_sync_loses_nothing_and_duplicates_nothing() {
     if let Err(e) = bed.wait_caught_up(Duration::from_secs(200)).await {
         panic!("{e}\n{}", survivor.log_tail(20));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(bed.check_against_ledger().await.unwrap(), 2);
-    sigterm(survivor.pid());
+    survivor.sigterm();
     assert_eq!(
-        wait_exit(survivor, Duration::from_secs(30)).and_then(|s| s.code()),
+        survivor.wait_exit(EXIT).await.and_then(|s| s.code()),
         Some(0)
     );
+    // Both workers are gone: nothing can write any more.
+    assert_eq!(bed.check_against_ledger().await.unwrap(), 2);
 }

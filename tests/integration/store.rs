@@ -188,3 +188,30 @@ async fn unknown_and_disabled_mailboxes_are_reported_by_begin() {
         Begin::Leased { .. }
     ));
 }
+
+/// The test bed's façade reads Redis from the outside with its own copy of the key names
+/// (the testbed crate cannot depend on gmail-sync): they must equal the product's.
+#[test]
+fn testbed_key_names_match_the_product_key_layout() {
+    use gmail_sync::store::KeyLayout;
+    use gmail_sync_testbed::bed::Keys;
+    for (prefix, shards) in [("p", 1), ("t-e2e-42", 4), ("demo", 16), ("x:y", 0)] {
+        let ours = Keys::new(prefix, shards);
+        let theirs = KeyLayout::new(prefix, shards);
+        assert_eq!(ours.streams(), theirs.streams(), "{prefix}/{shards}");
+        assert_eq!(ours.quarantine(), theirs.quarantine());
+        for email in [
+            "a@example.com",
+            "Mixed.Case@Example.COM",
+            " padded@example.com ",
+            "user0042@demo.example",
+            "ünï@例え.jp",
+        ] {
+            let m = Mailbox::parse(email).unwrap();
+            assert_eq!(ours.shard_of(email), theirs.shard_of(&m), "{email}");
+            assert_eq!(ours.state(email), theirs.state(&m), "{email}");
+            assert_eq!(ours.lease(email), theirs.lease(&m), "{email}");
+            assert_eq!(Keys::normalize(email), m.to_string());
+        }
+    }
+}

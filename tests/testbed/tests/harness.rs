@@ -311,3 +311,73 @@ fn reap_helper() {
     std::fs::write(pidfile, guard.pid().to_string()).unwrap();
     std::thread::sleep(Duration::from_secs(120));
 }
+
+/// The façade's worker processes: each has a health directory of its own, `wait_ready` returns
+/// once the ready file exists, fails at once (with the log tail) when the worker exits first,
+/// and fails at its timeout when the file never comes. Stand-in workers are `sh` scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bed_waits_for_each_workers_ready_file() {
+    use gmail_sync_testbed::bed::{Options, Testbed};
+    bounded(async {
+        let bed = Testbed::start("facade", Options::default()).await.unwrap();
+        let env: std::collections::HashMap<_, _> = bed.env().into_iter().collect();
+        assert_eq!(env["GMAIL_SYNC_SUBSCRIPTION"], bed.topic.subscription);
+        assert_eq!(env["GMAIL_SYNC_KEY_PREFIX"], bed.prefix);
+        assert_eq!(env["PUBSUB_EMULATOR_HOST"], bed.emulator.host_port());
+        assert!(env["GMAIL_SYNC_REDIS_URL"].starts_with("redis://127.0.0.1:"));
+        let sh = std::path::Path::new("/bin/sh");
+        let ready_later = "sleep 0.3; mkdir -p \"$GMAIL_SYNC_HEALTH_DIR\" && \
+                           touch \"$GMAIL_SYNC_HEALTH_DIR/ready\"; exec sleep 60";
+        let a = bed
+            .spawn_worker(sh, &["-c", ready_later], "a", &[])
+            .unwrap();
+        let b = bed
+            .spawn_worker(sh, &["-c", ready_later], "b", &[])
+            .unwrap();
+        assert_ne!(a.health_dir(), b.health_dir(), "each worker has its own");
+        assert!(a.health_dir().starts_with(&bed.dir));
+        assert!(!a.is_ready());
+        a.wait_ready(Duration::from_secs(30)).await.unwrap();
+        b.wait_ready(Duration::from_secs(30)).await.unwrap();
+        assert!(a.is_ready() && b.is_ready());
+        let status = a.terminate(Duration::from_secs(10)).await.expect("exits");
+        assert!(!status.success());
+        assert!(!a.is_running());
+
+        let dies = bed
+            .spawn_worker(sh, &["-c", "echo startup-went-wrong; exit 3"], "dies", &[])
+            .unwrap();
+        let err = dies
+            .wait_ready(Duration::from_secs(30))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("exited") && err.contains("startup-went-wrong"),
+            "{err}"
+        );
+
+        let own = bed.fresh_health_dir("override");
+        let never = bed
+            .spawn_worker(
+                sh,
+                &["-c", "exec sleep 60"],
+                "never",
+                &[("GMAIL_SYNC_HEALTH_DIR", own.to_str().unwrap())],
+            )
+            .unwrap();
+        assert_eq!(
+            never.health_dir(),
+            own,
+            "an override of the health dir is honoured"
+        );
+        let err = never
+            .wait_ready(Duration::from_millis(300))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("within"), "{err}");
+        drop(never); // SIGKILL by the guard
+    })
+    .await
+}
