@@ -83,8 +83,8 @@ pub async fn execute(cli: Cli) -> i32 {
             match crate::app::run(config, shutdown, Arc::new(Counters::default())).await {
                 Ok(()) => 0,
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "gmail-sync stopped on an error");
-                    1
+                    tracing::error!(error = %e, "gmail-sync stopped on an error");
+                    e.exit_code()
                 }
             }
         }

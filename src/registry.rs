@@ -30,13 +30,13 @@ pub async fn add_mailbox(
         .await
         .map_err(|e| anyhow::anyhow!("users.watch for {mailbox} failed: {e}"))?;
     let (created, cursor) = store
-        .register(mailbox, watch.history_id, watch.expiration)
+        .register(mailbox, watch.history_id, watch.expiration_ms)
         .await?;
     Ok(Registered {
         mailbox: mailbox.to_string(),
         created,
         cursor,
         watch_history_id: watch.history_id,
-        watch_expiration_ms: watch.expiration,
+        watch_expiration_ms: watch.expiration_ms,
     })
 }

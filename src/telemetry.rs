@@ -144,7 +144,7 @@ counters! {
     /// Notifications for mailboxes that are not registered (acked).
     unknown_mailbox,
     /// Notifications for mailboxes marked as needing attention (acked; cursor kept).
-    disabled_mailbox,
+    attention_mailbox,
     /// Notifications acked because the cursor already covered them (no Gmail call).
     acked_without_work,
     /// Notifications acked after a sync of this process committed past them.
@@ -271,7 +271,7 @@ pub fn log_summary(counters: &Counters, message: &str) {
         nacked = s.nacked,
         quarantined = s.quarantined,
         unknown_mailbox = s.unknown_mailbox,
-        disabled_mailbox = s.disabled_mailbox,
+        attention_mailbox = s.attention_mailbox,
         syncs = s.syncs,
         resyncs = s.resyncs,
         changes_written = s.changes_written,

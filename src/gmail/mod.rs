@@ -8,19 +8,23 @@
 //! Every call goes through [`GmailClient::call`], which classifies errors ([`GmailError`]) and
 //! retries what is retryable with jittered exponential backoff that honours `Retry-After`.
 
-pub mod wire;
+mod model;
+mod wire;
+
+pub use model::{
+    HistoryChange, HistoryChangeKind, HistoryPage, ListedMessage, MessagePage, Profile, Watch,
+};
 
 use crate::auth::{AccessToken, AuthError, TokenSource};
 use crate::config::GmailSettings;
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use crate::telemetry::Counters;
-use rand::Rng;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
-use wire::{ErrorBody, HistoryPage, MessageList, Profile, WatchResponse};
+use wire::ErrorBody;
 
 /// The Gmail methods used, with their quota cost in units (reference/apis.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,7 +166,7 @@ impl GmailClient {
         let start = start.to_string();
         let size = page_size.to_string();
         let result = self
-            .call(Method::HistoryList, mailbox, |http| {
+            .call::<wire::HistoryPage>(Method::HistoryList, mailbox, |http| {
                 let mut q: Vec<(&str, &str)> =
                     vec![("startHistoryId", &start), ("maxResults", &size)];
                 if let Some(t) = page_token {
@@ -172,15 +176,17 @@ impl GmailClient {
             })
             .await;
         match result {
+            Ok(page) => Ok(HistoryPage::from(page)),
             Err(GmailError::Permanent { status: 404, .. }) => Err(GmailError::HistoryGone),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
     pub async fn profile(&self, mailbox: &Mailbox) -> Result<Profile, GmailError> {
         let url = self.user_url(mailbox, "profile");
-        self.call(Method::GetProfile, mailbox, |http| http.get(url.clone()))
+        self.call::<wire::Profile>(Method::GetProfile, mailbox, |http| http.get(url.clone()))
             .await
+            .map(Profile::from)
     }
 
     /// One page of `users.messages.list` (ids and thread ids, newest first).
@@ -189,10 +195,10 @@ impl GmailClient {
         mailbox: &Mailbox,
         page_token: Option<&str>,
         max_results: u32,
-    ) -> Result<MessageList, GmailError> {
+    ) -> Result<MessagePage, GmailError> {
         let url = self.user_url(mailbox, "messages");
         let size = max_results.to_string();
-        self.call(Method::MessagesList, mailbox, |http| {
+        self.call::<wire::MessageList>(Method::MessagesList, mailbox, |http| {
             let mut q: Vec<(&str, &str)> = vec![("maxResults", &size)];
             if let Some(t) = page_token {
                 q.push(("pageToken", t));
@@ -200,16 +206,18 @@ impl GmailClient {
             http.get(url.clone()).query(&q)
         })
         .await
+        .map(MessagePage::from)
     }
 
     /// `users.watch` on the whole mailbox (label-scoped watches miss replies).
-    pub async fn watch(&self, mailbox: &Mailbox, topic: &str) -> Result<WatchResponse, GmailError> {
+    pub async fn watch(&self, mailbox: &Mailbox, topic: &str) -> Result<Watch, GmailError> {
         let url = self.user_url(mailbox, "watch");
         let body = serde_json::json!({ "topicName": topic });
-        self.call(Method::Watch, mailbox, |http| {
+        self.call::<wire::WatchResponse>(Method::Watch, mailbox, |http| {
             http.post(url.clone()).json(&body)
         })
         .await
+        .map(Watch::from)
     }
 
     pub async fn stop(&self, mailbox: &Mailbox) -> Result<(), GmailError> {
@@ -251,7 +259,7 @@ impl GmailClient {
             if !err.is_retryable() || attempt >= self.max_attempts {
                 return Err(err);
             }
-            let delay = backoff(attempt, err.retry_after());
+            let delay = crate::retry::gmail_call(attempt, err.retry_after());
             tracing::debug!(method = ?method, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying Gmail call");
             tokio::time::sleep(delay).await;
         }
@@ -394,19 +402,6 @@ fn retry_after_in_message(message: &str) -> Option<Duration> {
     Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
 }
 
-/// Full-jitter exponential backoff (250 ms × 2^(attempt-1), capped at 32 s), never shorter
-/// than what the server asked for (capped at 5 minutes).
-pub fn backoff(attempt: u32, server_asked: Option<Duration>) -> Duration {
-    let cap = Duration::from_millis(250)
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(7))
-        .min(Duration::from_secs(32));
-    let jittered = rand::rng().random_range(Duration::ZERO..=cap);
-    match server_asked {
-        Some(asked) => jittered.max(asked.min(Duration::from_secs(300))),
-        None => jittered.max(Duration::from_millis(50)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,18 +477,5 @@ mod tests {
         );
         let e = classify(StatusCode::TOO_MANY_REQUESTS, "", &msg, None).unwrap();
         assert!(e.retry_after().is_some());
-    }
-
-    #[test]
-    fn backoff_honours_server_and_caps() {
-        for attempt in 1..20 {
-            let d = backoff(attempt, None);
-            assert!(d <= Duration::from_secs(32));
-            assert!(backoff(attempt, Some(Duration::from_secs(40))) >= Duration::from_secs(40));
-        }
-        assert_eq!(
-            backoff(1, Some(Duration::from_secs(3600))),
-            Duration::from_secs(300)
-        );
     }
 }

@@ -219,11 +219,14 @@ impl Bed {
         let config = self.config_with(overrides);
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(gmail_sync::app::run(
-            config,
-            shutdown.clone(),
-            counters.clone(),
-        ));
+        let task = tokio::spawn({
+            let (shutdown, counters) = (shutdown.clone(), counters.clone());
+            async move {
+                gmail_sync::app::run(config, shutdown, counters)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        });
         Worker {
             shutdown,
             counters,

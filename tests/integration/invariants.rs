@@ -19,7 +19,7 @@ async fn settle(worker: &crate::harness::Worker) {
             + s.nacked
             + s.quarantined
             + s.unknown_mailbox
-            + s.disabled_mailbox;
+            + s.attention_mailbox;
         if s.received == handled && s.received == last {
             stable_rounds += 1;
             if stable_rounds >= 15 {
@@ -431,7 +431,7 @@ async fn gmail_errors_are_retried_or_isolated() {
     assert!(
         eventually(Duration::from_secs(20), || worker
             .snapshot()
-            .disabled_mailbox
+            .attention_mailbox
             >= 1)
         .await,
         "{:?}",

@@ -3,7 +3,7 @@
 use crate::harness::Bed;
 use gmail_sync::history_id::HistoryId;
 use gmail_sync::mailbox::Mailbox;
-use gmail_sync::store::{Begin, ChangeEntry, ChangeKind, Lease, StoreError};
+use gmail_sync::store::{Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, StoreError};
 use std::time::Duration;
 
 fn entry(h: u64) -> ChangeEntry {
@@ -55,7 +55,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base - 1),
             &[entry(base - 1)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(matches!(back, Err(StoreError::Backwards(_))), "{back:?}");
@@ -66,7 +66,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base - 7),
             HistoryId(base + 2),
             &[entry(base + 2)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(
@@ -80,7 +80,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base + 2),
             &[entry(base + 2)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(matches!(foreign, Err(StoreError::LeaseLost)), "{foreign:?}");
@@ -97,7 +97,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base + 2),
             &[entry(base + 1), entry(base + 2)],
-            true,
+            LeaseAfterCommit::Release,
         )
         .await
         .unwrap();
@@ -111,7 +111,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base + 2),
             &[entry(base + 1), entry(base + 2)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(replay.is_err());
@@ -142,7 +142,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(u64::MAX - 10),
             HistoryId(u64::MAX),
             &[],
-            true,
+            LeaseAfterCommit::Release,
         )
         .await
         .unwrap();
@@ -174,7 +174,7 @@ async fn unknown_and_disabled_mailboxes_are_reported_by_begin() {
     store.mark_attention(&d, "invalid_grant").await.unwrap();
     assert_eq!(
         store.begin(&d, HistoryId(50), &lease).await.unwrap(),
-        Begin::Disabled {
+        Begin::NeedsAttention {
             cursor: HistoryId(10)
         }
     );
