@@ -12,11 +12,11 @@
 //! While the sync runs, the lease is renewed every third of its TTL; the commit script checks
 //! it again, so a worker that lost its lease (paused, partitioned) can never write.
 
-use crate::config::{MailboxLogStyle, SyncSettings};
+use crate::config::SyncSettings;
 use crate::gmail::wire::HistoryRecord;
 use crate::gmail::{GmailClient, GmailError, REQUESTS_IN_TASK};
 use crate::history_id::HistoryId;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, MailboxLogStyle};
 use crate::store::{Begin, ChangeEntry, ChangeKind, Lease, Store, StoreError};
 use crate::telemetry::Counters;
 use std::future::Future;
