@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
 use crate::health::Health;
+use crate::scheduler::{SchedulePolicy, Scheduler};
 use crate::store::Store;
 use crate::supervisor::{StopCause, Supervisor, TaskEnd, Tier};
 use crate::sync::Syncer;
@@ -62,6 +63,8 @@ pub async fn run(
     counters: Arc<Counters>,
 ) -> Result<(), AppError> {
     let subscription = config.require_subscription()?.to_string();
+    // The scheduler renews watches on this topic: without it every mailbox goes deaf in 7 days.
+    let topic = config.require_topic()?.to_string();
     let store = connect_store(&config).await.map_err(AppError::Startup)?;
     let gmail = gmail_client(&config, counters.clone()).map_err(AppError::Startup)?;
     subscription::check(&config.pubsub, &subscription, STARTUP_DEADLINE)
@@ -85,14 +88,26 @@ pub async fn run(
     let heartbeat = Arc::new(AtomicU64::new(0));
     let mut supervisor = Supervisor::new(tracker.clone());
 
+    let syncer = Arc::new(Syncer::new(
+        gmail.clone(),
+        store.clone(),
+        config.sync.clone(),
+        counters.clone(),
+        config.log_mailbox,
+    ));
+    let scheduler = Scheduler {
+        store: store.clone(),
+        gmail,
+        syncer: syncer.clone(),
+        topic,
+        policy: SchedulePolicy::new(config.scheduler.clone(), config.store.shards),
+        counters: counters.clone(),
+        tracker: tracker.clone(),
+        log_style: config.log_mailbox,
+        heartbeat: heartbeat.clone(),
+    };
     let consumer = Consumer {
-        syncs: Arc::new(Syncer::new(
-            gmail,
-            store.clone(),
-            config.sync.clone(),
-            counters.clone(),
-            config.log_mailbox,
-        )),
+        syncs: syncer,
         quarantine: Arc::new(store),
         settings: config.consumer.clone(),
         counters: counters.clone(),
@@ -103,6 +118,7 @@ pub async fn run(
         stream::consume(stream, consumer, stop).await?;
         Ok(())
     });
+    supervisor.spawn("scheduler", Tier::Worker, move |stop| scheduler.run(stop));
     supervisor.spawn("health", Tier::Background, {
         let health = health.clone();
         move |stop| async move {

@@ -14,6 +14,7 @@ pub mod mailbox;
 pub(crate) mod notification;
 pub mod registry;
 mod retry;
+pub mod scheduler;
 pub mod store;
 mod supervisor;
 pub mod sync;

@@ -12,15 +12,16 @@
 //! While the sync runs, the lease is renewed every third of its TTL; the commit script checks
 //! it again, so a worker that lost its lease (paused, partitioned) can never write.
 
-use crate::config::{MailboxLogStyle, SyncSettings};
+use crate::config::SyncSettings;
 use crate::gmail::{
     GmailClient, GmailError, HistoryChange, HistoryChangeKind, HistoryPage, ListedMessage,
     REQUESTS_IN_TASK,
 };
 use crate::history_id::HistoryId;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, MailboxLogStyle};
 use crate::store::{
-    Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, ResyncReason, Store, StoreError,
+    AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, ResyncReason, Store,
+    StoreError,
 };
 use crate::telemetry::Counters;
 use std::future::Future;
@@ -109,6 +110,24 @@ impl Syncer {
         }
     }
 
+    /// Brings `mailbox` up to its latest history (the scheduler's fallback sync of a silent
+    /// mailbox: there is no notification, so no target historyId).
+    pub async fn sync_latest(&self, mailbox: &Mailbox, cancel: &CancellationToken) -> SyncOutcome {
+        self.sync_from(mailbox, LATEST, Start::History, cancel)
+            .await
+    }
+
+    /// A full resync now (`mailbox resync`): the same path as after a 404.
+    pub async fn resync(&self, mailbox: &Mailbox, cancel: &CancellationToken) -> SyncOutcome {
+        self.sync_from(
+            mailbox,
+            LATEST,
+            Start::FullResync(ResyncReason::Requested),
+            cancel,
+        )
+        .await
+    }
+
     /// Brings `mailbox` to at least `target` if it can. Never panics, never leaves the lease
     /// held on return (except when the task is dropped mid-way: the TTL frees it then).
     /// `cancel` stops the sync at its next await point (shutdown); committed pages stay.
@@ -116,6 +135,17 @@ impl Syncer {
         &self,
         mailbox: &Mailbox,
         target: HistoryId,
+        cancel: &CancellationToken,
+    ) -> SyncOutcome {
+        self.sync_from(mailbox, target, Start::History, cancel)
+            .await
+    }
+
+    async fn sync_from(
+        &self,
+        mailbox: &Mailbox,
+        target: HistoryId,
+        start: Start,
         cancel: &CancellationToken,
     ) -> SyncOutcome {
         let lease = Lease::new(self.settings.mailbox_lease);
@@ -136,7 +166,7 @@ impl Syncer {
             from = %cursor,
             target = %target,
         );
-        let work = self.run(mailbox, &lease, cursor);
+        let work = self.run(mailbox, &lease, cursor, start);
         let (result, gmail_calls) = REQUESTS_IN_TASK
             .scope(std::cell::Cell::new(0), async {
                 let result = tokio::select! {
@@ -169,7 +199,9 @@ impl Syncer {
                 let _ = self.store.release_lease(mailbox, &lease).await;
                 let permanent = !e.is_retryable();
                 let marked = if permanent {
-                    self.store.mark_attention(mailbox, &e.to_string()).await
+                    self.store
+                        .mark_attention(mailbox, &e.to_string(), AttentionSource::Sync)
+                        .await
                 } else {
                     Ok(())
                 };
@@ -232,15 +264,24 @@ impl Syncer {
         mailbox: &Mailbox,
         lease: &Lease,
         cursor: HistoryId,
+        how: Start,
     ) -> Result<Progress, SyncError> {
         let mut progress = Progress {
             cursor,
             pages: 0,
             changes: 0,
         };
-        let mut start = cursor;
-        let mut page_token: Option<String> = None;
         let mut resynced = false;
+        if let Start::FullResync(reason) = how {
+            resynced = true;
+            let written;
+            (progress.cursor, written) = self
+                .full_resync(mailbox, lease, progress.cursor, reason)
+                .await?;
+            progress.changes += written;
+        }
+        let mut start = progress.cursor;
+        let mut page_token: Option<String> = None;
         loop {
             let page = match self
                 .gmail
@@ -256,8 +297,9 @@ impl Syncer {
                 Err(GmailError::HistoryGone) if !resynced => {
                     resynced = true;
                     let written;
-                    (progress.cursor, written) =
-                        self.full_resync(mailbox, lease, progress.cursor).await?;
+                    (progress.cursor, written) = self
+                        .full_resync(mailbox, lease, progress.cursor, ResyncReason::HistoryGone)
+                        .await?;
                     progress.changes += written;
                     start = progress.cursor;
                     page_token = None;
@@ -295,11 +337,12 @@ impl Syncer {
         mailbox: &Mailbox,
         lease: &Lease,
         from: HistoryId,
+        reason: ResyncReason,
     ) -> Result<(HistoryId, u64), SyncError> {
         Counters::inc(&self.counters.resyncs);
         let profile = self.gmail.profile(mailbox).await?;
         let h0 = profile.history_id;
-        tracing::warn!(profile_history_id = %h0, "history no longer available, full resync");
+        tracing::warn!(profile_history_id = %h0, reason = ?reason, "full resync");
         let max = self.settings.resync_max_messages as usize;
         let mut listed: Vec<ListedMessage> = Vec::new();
         let mut page_token: Option<String> = None;
@@ -317,12 +360,7 @@ impl Syncer {
         }
         let truncated = cut_listing(&mut listed, max, page_token.is_some());
         let mut entries = Vec::with_capacity(listed.len() + 1);
-        entries.push(ChangeEntry::resync(
-            h0,
-            ResyncReason::HistoryGone,
-            listed.len(),
-            truncated,
-        ));
+        entries.push(ChangeEntry::resync(h0, reason, listed.len(), truncated));
         entries.extend(
             listed
                 .iter()
@@ -342,6 +380,19 @@ struct Progress {
     cursor: HistoryId,
     pages: u32,
     changes: u64,
+}
+
+/// The target of a sync that has no notification to satisfy: every historyId is below it, so
+/// `begin` always takes the lease and the sync reads up to the mailbox's current history.
+const LATEST: HistoryId = HistoryId(u64::MAX);
+
+/// How a sync starts reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// `history.list` from the cursor (a 404 still turns into a full resync).
+    History,
+    /// A full resync first (profile, listing, `resync` entry), then history from there.
+    FullResync(ResyncReason),
 }
 
 /// `maxResults` ceiling of `users.messages.list`.

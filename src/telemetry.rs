@@ -173,6 +173,24 @@ counters! {
     gmail_rate_limited,
     /// Gmail 5xx, timeouts and connection failures.
     gmail_transient_errors,
+    /// Scheduler ticks (each looks at every shard's schedule once).
+    scheduler_ticks,
+    /// Watches renewed by the scheduler.
+    renewals,
+    /// Watch renewals that failed (transient and permanent).
+    renewal_failures,
+    /// Watch conflicts answered with users.stop and another users.watch.
+    watch_conflicts,
+    /// Fallback syncs of silent mailboxes.
+    fallback_syncs,
+    /// Change entries written by fallback syncs (changes whose notification never came).
+    fallback_changes,
+    /// Mailboxes marked as needing attention by the scheduler.
+    attention_marked,
+    /// Gauge: watches expiring within the warn horizon while their renewal fails.
+    watches_expiring_soon,
+    /// Gauge: the soonest of those expirations (epoch ms; 0 = none).
+    soonest_watch_expiry_ms,
 }
 
 impl Counters {
@@ -283,6 +301,12 @@ pub fn log_summary(counters: &Counters, message: &str) {
         gmail_quota_units = s.gmail_quota_units,
         gmail_rate_limited = s.gmail_rate_limited,
         gmail_transient_errors = s.gmail_transient_errors,
+        renewals = s.renewals,
+        renewal_failures = s.renewal_failures,
+        watch_conflicts = s.watch_conflicts,
+        fallback_syncs = s.fallback_syncs,
+        fallback_changes = s.fallback_changes,
+        watches_expiring_soon = s.watches_expiring_soon,
         ack_latency_p50_ms = ms(&counters.ack_latency, 0.5),
         ack_latency_p99_ms = ms(&counters.ack_latency, 0.99),
         handling_latency_p50_ms = ms(&counters.handling_latency, 0.5),

@@ -8,7 +8,6 @@
 #![allow(dead_code)] // each example uses a different part
 
 use gmail_sync::mailbox::Mailbox;
-use gmail_sync::telemetry::Counters;
 use gmail_sync_testbed::check;
 use gmail_sync_testbed::gmail::{GmailSim, SimConfig};
 use gmail_sync_testbed::process::ChildGuard;
@@ -16,7 +15,6 @@ use gmail_sync_testbed::pubsub::{self, Emulator, TestTopic};
 use gmail_sync_testbed::redis_server::RedisServer;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const DEV_TOKEN: &str = "demo-dev-token";
@@ -106,15 +104,13 @@ impl Testbed {
     /// `gmail-sync mailbox add` does (users.watch on the topic + baseline cursor).
     pub async fn add_mailboxes(&mut self, emails: &[String]) -> anyhow::Result<()> {
         let config = self.config();
-        let store = gmail_sync::app::connect_store(&config).await?;
-        let gmail = gmail_sync::app::gmail_client(&config, Arc::new(Counters::default()))?;
+        let registry = gmail_sync::registry::Registry::from_config(&config).await?;
         for email in emails {
             if !self.baselines.contains_key(email) {
                 self.sim.add_mailbox(email);
             }
             let m = Mailbox::parse(email)?;
-            let r =
-                gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m).await?;
+            let r = registry.add(&m, None).await?;
             self.baselines
                 .entry(m.to_string())
                 .or_insert(r.cursor.get());

@@ -67,6 +67,11 @@ pub enum GmailError {
         detail: String,
         retry_after: Option<Duration>,
     },
+    /// `users.watch` answered 400 "Only one user push notification client allowed per
+    /// developer (call /stop then try again)": another watch for this mailbox is active (other
+    /// topic) or racing. The caller stops, then watches again.
+    #[error("another push client is registered for this mailbox (watch conflict)")]
+    WatchConflict,
     /// 401 again after refreshing the token: the user must re-consent.
     #[error("unauthorized (401) even with a fresh token")]
     Unauthorized,
@@ -87,9 +92,10 @@ impl GmailError {
         match self {
             GmailError::RateLimited { .. } | GmailError::Transient { .. } => true,
             GmailError::Auth(e) => e.is_retryable(),
-            GmailError::HistoryGone | GmailError::Unauthorized | GmailError::Permanent { .. } => {
-                false
-            }
+            GmailError::HistoryGone
+            | GmailError::WatchConflict
+            | GmailError::Unauthorized
+            | GmailError::Permanent { .. } => false,
         }
     }
 
@@ -99,6 +105,55 @@ impl GmailError {
             | GmailError::Transient { retry_after, .. } => *retry_after,
             _ => None,
         }
+    }
+}
+
+/// The part of Gmail's 400 answer that identifies a watch conflict.
+const WATCH_CONFLICT_MESSAGE: &str = "Only one user push notification client allowed";
+
+/// A watch's label filter (`labelIds` + `labelFilterBehavior`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelFilter {
+    pub behavior: LabelFilterBehavior,
+    pub label_ids: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabelFilterBehavior {
+    Include,
+    Exclude,
+}
+
+impl LabelFilterBehavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelFilterBehavior::Include => "include",
+            LabelFilterBehavior::Exclude => "exclude",
+        }
+    }
+}
+
+impl LabelFilter {
+    /// The stored form: `include:ID,ID` / `exclude:ID,ID`.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.behavior.as_str(), self.label_ids.join(","))
+    }
+
+    pub fn decode(stored: &str) -> Option<LabelFilter> {
+        let (behavior, ids) = stored.split_once(':')?;
+        let behavior = match behavior {
+            "include" => LabelFilterBehavior::Include,
+            "exclude" => LabelFilterBehavior::Exclude,
+            _ => return None,
+        };
+        Some(LabelFilter {
+            behavior,
+            label_ids: ids
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        })
     }
 }
 
@@ -209,15 +264,36 @@ impl GmailClient {
         .map(MessagePage::from)
     }
 
-    /// `users.watch` on the whole mailbox (label-scoped watches miss replies).
-    pub async fn watch(&self, mailbox: &Mailbox, topic: &str) -> Result<Watch, GmailError> {
+    /// `users.watch` on `topic`: the whole mailbox unless a label filter is given (label-scoped
+    /// watches miss replies, which do not inherit the thread's labels).
+    pub async fn watch(
+        &self,
+        mailbox: &Mailbox,
+        topic: &str,
+        filter: Option<&LabelFilter>,
+    ) -> Result<Watch, GmailError> {
         let url = self.user_url(mailbox, "watch");
-        let body = serde_json::json!({ "topicName": topic });
+        let body = match filter {
+            None => serde_json::json!({ "topicName": topic }),
+            Some(f) => serde_json::json!({
+                "topicName": topic,
+                "labelIds": f.label_ids,
+                "labelFilterBehavior": f.behavior.as_str(),
+            }),
+        };
         self.call::<wire::WatchResponse>(Method::Watch, mailbox, |http| {
             http.post(url.clone()).json(&body)
         })
         .await
         .map(Watch::from)
+        .map_err(|e| match e {
+            GmailError::Permanent {
+                status: 400,
+                ref message,
+                ..
+            } if message.contains(WATCH_CONFLICT_MESSAGE) => GmailError::WatchConflict,
+            other => other,
+        })
     }
 
     pub async fn stop(&self, mailbox: &Mailbox) -> Result<(), GmailError> {

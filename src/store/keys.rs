@@ -43,8 +43,39 @@ impl KeyLayout {
         format!("{}:changes", self.tag(shard))
     }
 
-    pub fn watch_set(&self, mailbox: &Mailbox) -> String {
-        format!("{}:watch", self.tag(self.shard_of(mailbox)))
+    /// The shard's schedule: every registered mailbox, scored by when the scheduler must next
+    /// look at it (epoch ms; `+inf` while it needs attention).
+    pub fn schedule(&self, shard: u32) -> String {
+        format!("{}:schedule", self.tag(shard))
+    }
+
+    pub fn schedule_of(&self, mailbox: &Mailbox) -> String {
+        self.schedule(self.shard_of(mailbox))
+    }
+
+    /// The shard's mailboxes whose last renewal failed, scored by watch expiration (epoch ms):
+    /// the index behind the "watches expiring soon" warning, empty while renewals succeed.
+    pub fn renewal_failing(&self, shard: u32) -> String {
+        format!("{}:renew-failing", self.tag(shard))
+    }
+
+    pub fn renewal_failing_of(&self, mailbox: &Mailbox) -> String {
+        self.renewal_failing(self.shard_of(mailbox))
+    }
+
+    /// Renewals claimed in the shard during the current budget window (expires with it).
+    pub fn renewal_budget(&self, shard: u32) -> String {
+        format!("{}:renew-budget", self.tag(shard))
+    }
+
+    /// The scheduler claim on a mailbox: `HOST:PID:RANDOM` of the replica renewing or
+    /// fallback-syncing it (PX TTL).
+    pub fn claim(&self, mailbox: &Mailbox) -> String {
+        format!("{}:claim:{}", self.tag(self.shard_of(mailbox)), mailbox)
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
     }
 
     /// All change streams, for consumers (one consumer group per stream).
@@ -66,7 +97,14 @@ mod tests {
         let k = KeyLayout::new("gs", 16);
         let m = Mailbox::parse("alice@example.com").unwrap();
         let tag = format!("{{gs:s{}}}", k.shard_of(&m));
-        for key in [k.state(&m), k.lease(&m), k.stream_of(&m), k.watch_set(&m)] {
+        for key in [
+            k.state(&m),
+            k.lease(&m),
+            k.stream_of(&m),
+            k.schedule_of(&m),
+            k.renewal_failing_of(&m),
+            k.claim(&m),
+        ] {
             assert!(key.starts_with(&tag), "{key}");
         }
         assert_eq!(k.streams().len(), 16);

@@ -9,20 +9,31 @@
 //! # Key layout (works on a single Redis and on Redis Cluster)
 //! | key | type | content |
 //! |---|---|---|
-//! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced_at` (epoch ms), `attention` (reason, only when set) |
+//! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced` (last commit, epoch s), `watch` (watch expiration, epoch s), `renew` (next renewal, epoch s); only when set: `attention` (reason), `labels` (watch label filter), `renew_fails` (consecutive failed renewals) |
 //! | `{P:sN}:lease:EMAIL` | string | `HOST:PID:RANDOM` token of the worker syncing EMAIL (PX TTL) |
+//! | `{P:sN}:claim:EMAIL` | string | `HOST:PID:RANDOM` of the replica renewing or fallback-syncing EMAIL (PX TTL) |
 //! | `{P:sN}:changes` | stream | change entries of the shard's mailboxes (schema v1, see [`schema`]) |
-//! | `{P:sN}:watch` | zset | EMAIL scored by watch expiration (epoch ms) |
+//! | `{P:sN}:schedule` | zset | every registered EMAIL, scored by when the scheduler next looks at it (epoch ms; `+inf` while it needs attention) |
+//! | `{P:sN}:renew-failing` | zset | EMAIL whose last renewal failed, scored by watch expiration (epoch ms) |
+//! | `{P:sN}:renew-budget` | string | renewals claimed in the shard in the current minute |
+//!
+//! Field names are short and times in seconds on purpose: an idle mailbox (state hash plus its
+//! schedule entry) stays under 300 bytes of Redis memory (measured by `examples/scheduler.rs`).
 //! | `{P}:quarantine` | stream | malformed notifications: `reason`, `data` (original bytes), `message_id`, `publish_time`, `received_at` |
 
 mod connection;
 mod keys;
 mod lease;
+mod lifecycle;
 mod schema;
 
 pub use connection::RedisConnection;
 pub use keys::KeyLayout;
 pub use lease::Lease;
+pub use lifecycle::{
+    AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor, MailboxStatus,
+    RenewalWork, WatchPlan,
+};
 pub use schema::{ChangeEntry, ChangeKind, ResyncReason, SCHEMA_VERSION};
 
 use crate::config::{RedisTarget, StoreSettings};
@@ -36,11 +47,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("begin.lua")));
 static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("commit.lua")));
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
-static REGISTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("register.lua")));
-static ATTENTION: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("attention.lua")));
-
-/// Longest `attention` reason stored (the text of a Gmail error can be long).
-const MAX_ATTENTION_REASON_CHARS: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -182,7 +188,7 @@ impl Store {
         entries: &[ChangeEntry],
         lease_after: LeaseAfterCommit,
     ) -> Result<HistoryId, StoreError> {
-        let now_ms = now_ms();
+        let now_s = now_ms() / 1000;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -200,7 +206,7 @@ impl Store {
                     LeaseAfterCommit::Release => "1",
                     LeaseAfterCommit::Keep => "0",
                 })
-                .arg(now_ms);
+                .arg(now_s);
             for e in entries {
                 inv.arg(4 + 2 * e.fields.len())
                     .arg("kind")
@@ -289,44 +295,6 @@ impl Store {
         raw.map(|r| parse_cursor(&r)).transpose()
     }
 
-    /// Registers a mailbox with its baseline cursor (idempotent: an existing cursor is kept, and
-    /// an `attention` mark is cleared). Returns (created, stored cursor).
-    pub async fn register(
-        &self,
-        mailbox: &Mailbox,
-        baseline: HistoryId,
-        watch_expiration_ms: u64,
-    ) -> Result<(bool, HistoryId), StoreError> {
-        let (created, cursor): (i64, String) = self
-            .conn
-            .retrying(|mut c| {
-                let mut inv = REGISTER.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.watch_set(mailbox))
-                    .arg(baseline.to_string())
-                    .arg(watch_expiration_ms)
-                    .arg(mailbox.as_str());
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        Ok((created == 1, parse_cursor(&cursor)?))
-    }
-
-    /// Marks a mailbox as needing attention (permanent Gmail/auth error). Its notifications are
-    /// then acked without work and its cursor stays, so `mailbox add` later resumes from it.
-    pub async fn mark_attention(&self, mailbox: &Mailbox, reason: &str) -> Result<(), StoreError> {
-        let reason: String = reason.chars().take(MAX_ATTENTION_REASON_CHARS).collect();
-        let _: i64 = self
-            .conn
-            .retrying(|mut c| {
-                let mut inv = ATTENTION.prepare_invoke();
-                inv.key(self.keys.state(mailbox)).arg(&reason);
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        Ok(())
-    }
-
     /// Copies a malformed message to the quarantine stream (invariant I6).
     pub async fn quarantine(&self, q: &Quarantined<'_>) -> Result<(), StoreError> {
         let now_ms = now_ms();
@@ -360,7 +328,7 @@ impl Store {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

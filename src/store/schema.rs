@@ -47,12 +47,15 @@ impl ChangeKind {
 pub enum ResyncReason {
     /// Gmail answered 404 for the stored cursor.
     HistoryGone,
+    /// An operator asked for it (`mailbox resync`).
+    Requested,
 }
 
 impl ResyncReason {
     fn as_str(self) -> &'static str {
         match self {
             ResyncReason::HistoryGone => "history_gone",
+            ResyncReason::Requested => "requested",
         }
     }
 }

@@ -183,14 +183,13 @@ impl Bed {
     /// (users.watch + baseline cursor), as `gmail-sync mailbox add` does.
     pub async fn add_mailboxes(&mut self, emails: &[String]) {
         let config = self.config();
-        let store = self.store().await;
-        let gmail = gmail_sync::app::gmail_client(&config, Arc::new(Counters::default())).unwrap();
+        let registry = gmail_sync::registry::Registry::from_config(&config)
+            .await
+            .expect("registry");
         for email in emails {
             self.sim.add_mailbox(email);
             let m = Mailbox::parse(email).unwrap();
-            let r = gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m)
-                .await
-                .expect("mailbox add");
+            let r = registry.add(&m, None).await.expect("mailbox add");
             self.baselines.insert(m.to_string(), r.cursor.get());
         }
     }
