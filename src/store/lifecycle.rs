@@ -185,7 +185,8 @@ impl Store {
                     .arg(plan.renew_at_s)
                     .arg(plan.first_look_ms)
                     .arg(mailbox.as_str())
-                    .arg(plan.labels.as_deref().unwrap_or(""));
+                    .arg(plan.labels.as_deref().unwrap_or(""))
+                    .arg(now_ms() / 1000);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;

@@ -3,5 +3,6 @@
 
 mod harness;
 mod invariants;
+mod lifecycle;
 mod processes;
 mod store;
