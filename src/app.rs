@@ -1,14 +1,16 @@
-//! Composition root: builds the parts from the [`Config`], spawns every task on one
-//! `TaskTracker`, and stops them all through one `CancellationToken`.
+//! Composition root: builds the parts from the [`Config`], starts every long-running task
+//! through one [`Supervisor`] on one `TaskTracker`, and stops them all on one signal.
 //!
 //! `run(config, shutdown, counters)` is what `main` calls; tests call it the same way.
 
 use crate::auth::{NoCredentials, StaticToken, TokenSource};
 use crate::config::Config;
-use crate::consumer::{Consumer, subscription};
+use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
 use crate::health::Health;
+use crate::scheduler::{SchedulePolicy, Scheduler};
 use crate::store::Store;
+use crate::supervisor::{StopCause, Supervisor, TaskEnd, Tier};
 use crate::sync::Syncer;
 use crate::telemetry::Counters;
 use anyhow::Context;
@@ -20,21 +22,58 @@ use tokio_util::task::TaskTracker;
 
 /// How long startup waits for Redis and Pub/Sub before giving up with a clear error.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+/// Slack on top of the consumer's own drain bound (shutdown timeout + stream flush) before the
+/// supervisor stops waiting for the workers: their last log lines and lease releases.
+const WORKER_DRAIN_SLACK: Duration = Duration::from_secs(5);
+/// How long background tasks (health, summary) get to stop: they only leave a select.
+const BACKGROUND_DRAIN: Duration = Duration::from_secs(5);
 
-/// Runs the worker until `shutdown` is cancelled (then drains and returns `Ok`) or a part fails
-/// for good (then drains and returns the error).
+/// Why `run` returned with an error; the exit code says which (README, "Exit codes").
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Startup checks failed (Redis, Pub/Sub, health dir): nothing was consumed.
+    #[error("startup failed: {0:#}")]
+    Startup(anyhow::Error),
+    /// A long-running task failed, or ended without being asked to; the others were drained.
+    #[error("task {task} {detail}")]
+    Task { task: &'static str, detail: String },
+}
+
+impl AppError {
+    /// 1: startup failed; 3: a task stopped the process after startup.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::Startup(_) => 1,
+            AppError::Task { .. } => 3,
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for AppError {
+    fn from(e: crate::config::ConfigError) -> AppError {
+        AppError::Startup(e.into())
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled (then drains and returns `Ok`) or a task
+/// ends on its own (then drains the rest and returns which task and why).
 pub async fn run(
     config: Config,
     shutdown: CancellationToken,
     counters: Arc<Counters>,
-) -> anyhow::Result<()> {
+) -> Result<(), AppError> {
     let subscription = config.require_subscription()?.to_string();
-    let store = connect_store(&config).await?;
-    let gmail = gmail_client(&config, counters.clone())?;
+    // The scheduler renews watches on this topic: without it every mailbox goes deaf in 7 days.
+    let topic = config.require_topic()?.to_string();
+    let store = connect_store(&config).await.map_err(AppError::Startup)?;
+    let gmail = gmail_client(&config, counters.clone()).map_err(AppError::Startup)?;
     subscription::check(&config.pubsub, &subscription, STARTUP_DEADLINE)
         .await
-        .context("Pub/Sub startup check")?;
-    let stream = subscription::open(&config.pubsub, &subscription, &config.consumer).await?;
+        .context("Pub/Sub startup check")
+        .map_err(AppError::Startup)?;
+    let stream = subscription::open(&config.pubsub, &subscription, &config.consumer)
+        .await
+        .map_err(|e| AppError::Startup(e.into()))?;
     tracing::info!(
         subscription = %subscription,
         redis = %config.redis.describe(),
@@ -43,60 +82,103 @@ pub async fn run(
         "gmail-sync worker started"
     );
 
+    let health = Health::new(&config.health_dir);
+    health.mark_ready().map_err(AppError::Startup)?;
     let tracker = TaskTracker::new();
     let heartbeat = Arc::new(AtomicU64::new(0));
-    // Background tasks (summary, health) stop on `background`; the consumer drains first.
-    let background = CancellationToken::new();
-    let health = Health::new(&config.health_dir);
-    health.mark_ready()?;
-    tracker.spawn(
-        health
-            .clone()
-            .keep_alive(heartbeat.clone(), background.clone()),
-    );
-    if let Some(every) = config.summary_interval {
-        tracker.spawn(crate::telemetry::log_summaries(
-            counters.clone(),
-            every,
-            background.clone(),
-        ));
-    }
+    let mut supervisor = Supervisor::new(tracker.clone());
+
     let syncer = Arc::new(Syncer::new(
-        gmail,
-        store,
+        gmail.clone(),
+        store.clone(),
         config.sync.clone(),
         counters.clone(),
         config.log_mailbox,
     ));
+    let scheduler = Scheduler {
+        store: store.clone(),
+        gmail,
+        syncer: syncer.clone(),
+        topic,
+        policy: SchedulePolicy::new(config.scheduler.clone(), config.store.shards),
+        counters: counters.clone(),
+        tracker: tracker.clone(),
+        log_style: config.log_mailbox,
+        heartbeat: heartbeat.clone(),
+    };
     let consumer = Consumer {
-        syncer,
+        syncs: syncer,
+        quarantine: Arc::new(store),
         settings: config.consumer.clone(),
         counters: counters.clone(),
         tracker: tracker.clone(),
-        heartbeat,
+        heartbeat: heartbeat.clone(),
     };
-    // Not ready from the first moment of shutdown, so probes see it before the drain ends.
-    tracker.spawn({
-        let (health, shutdown, background) = (health.clone(), shutdown.clone(), background.clone());
-        async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => health.mark_not_ready(),
-                _ = background.cancelled() => {}
-            }
+    supervisor.spawn("consumer", Tier::Worker, move |stop| async move {
+        stream::consume(stream, consumer, stop).await?;
+        Ok(())
+    });
+    supervisor.spawn("scheduler", Tier::Worker, move |stop| scheduler.run(stop));
+    supervisor.spawn("health", Tier::Background, {
+        let health = health.clone();
+        move |stop| async move {
+            health.keep_alive(heartbeat, stop).await;
+            Ok(())
         }
     });
-    let result = consumer.run(stream, shutdown.clone()).await;
-    health.mark_not_ready();
-    background.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop within 10 s");
+    if let Some(every) = config.summary_interval {
+        let counters = counters.clone();
+        supervisor.spawn("summary", Tier::Background, move |stop| async move {
+            crate::telemetry::log_summaries(counters, every, stop).await;
+            Ok(())
+        });
+    }
+
+    // The consumer's own bound: its grace period, then the stream's ack flush.
+    let consumer_drain = match ShutdownMode::from_timeout(config.consumer.shutdown_timeout) {
+        ShutdownMode::Graceful { timeout } => timeout,
+        ShutdownMode::NackImmediately => Duration::ZERO,
+    } + stream::STREAM_FLUSH_TIMEOUT;
+    let stopped = supervisor
+        .run(
+            &shutdown,
+            // Not ready from the first moment of the stop, so probes see it before the drain.
+            |cause| {
+                health.mark_not_ready();
+                if let StopCause::TaskEnded { task, end } = cause {
+                    tracing::error!(task, end = ?end, "a task ended on its own; stopping the others");
+                }
+            },
+            consumer_drain + WORKER_DRAIN_SLACK,
+            BACKGROUND_DRAIN,
+        )
+        .await;
+    for (task, end) in &stopped.failures {
+        tracing::error!(task, end = ?end, "a task failed while stopping");
+    }
+    if stopped.stragglers > 0 {
+        tracing::warn!(
+            tasks = stopped.stragglers,
+            "some tasks did not stop in time"
+        );
     }
     crate::telemetry::log_summary(&counters, "final summary");
-    result.map_err(anyhow::Error::from)
+    match stopped.cause {
+        StopCause::Requested => match stopped.failures.into_iter().next() {
+            None => Ok(()),
+            Some((task, end)) => Err(task_error(task, end)),
+        },
+        StopCause::TaskEnded { task, end } => Err(task_error(task, end)),
+    }
+}
+
+fn task_error(task: &'static str, end: TaskEnd) -> AppError {
+    let detail = match end {
+        TaskEnd::Returned => "ended on its own".to_string(),
+        TaskEnd::Failed(e) => format!("failed: {e:#}"),
+        TaskEnd::Panicked(p) => format!("panicked: {p}"),
+    };
+    AppError::Task { task, detail }
 }
 
 pub async fn connect_store(config: &Config) -> anyhow::Result<Store> {

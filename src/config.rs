@@ -2,198 +2,358 @@
 //! anything starts. A bad or missing variable stops startup with a message naming the variable
 //! and what is expected.
 //!
-//! [`VARIABLES`] is the single list of variables: `--help` prints it and a test checks that
-//! README.md documents every entry.
+//! Each variable is defined once, as a field of `Environment`: clap's `env` gives its name,
+//! `default_value` its default, `value_parser` its rule, the doc comment its meaning and
+//! example. That definition is what [`Config::from_lookup`] parses with, what [`variables`]
+//! lists, what `--help` prints and what the test of README.md's table compares with.
 
+use crate::mailbox::MailboxLogStyle;
+use clap::error::{ContextKind, ContextValue};
+use clap::{Args, Command, FromArgMatches};
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-/// One environment variable: name, meaning, default ("" = required or unset), example.
-pub struct Variable {
-    pub name: &'static str,
-    pub meaning: &'static str,
-    pub default: &'static str,
-    pub example: &'static str,
-}
+// Constants for the names that code outside the definition refers to (`require_subscription`,
+// `require_topic`, the Redis URL check), so that each name is still written once.
+const SUBSCRIPTION: &str = "GMAIL_SYNC_SUBSCRIPTION";
+const TOPIC: &str = "GMAIL_SYNC_TOPIC";
+const REDIS_URL: &str = "GMAIL_SYNC_REDIS_URL";
 
-const fn var(
-    name: &'static str,
-    meaning: &'static str,
-    default: &'static str,
-    example: &'static str,
-) -> Variable {
-    Variable {
-        name,
-        meaning,
-        default,
-        example,
-    }
-}
+/// Every environment variable gmail-sync reads or documents, in the order `--help` and README.md
+/// list them. A field's doc comment is the variable's meaning, then an `e.g. EXAMPLE` paragraph;
+/// `hide_env_values` marks a secret, whose value is never echoed. The `long` names only carry
+/// looked-up values into clap's parser (see [`Environment::parse`]): they are not command-line
+/// flags, because operators configure through the environment alone, and flags would put
+/// secrets in `ps` output.
+///
+/// Adding a variable: a field here, and its use in [`Environment::into_config`].
+#[derive(Args)]
+struct Environment {
+    /// Pub/Sub subscription the worker pulls Gmail notifications from (required by `run`)
+    ///
+    /// e.g. projects/acme/subscriptions/gmail-sync
+    #[arg(long, env = SUBSCRIPTION, value_parser = resource_name("subscriptions"))]
+    subscription: Option<String>,
 
-pub const VARIABLES: &[Variable] = &[
-    var(
-        "GMAIL_SYNC_SUBSCRIPTION",
-        "Pub/Sub subscription the worker pulls Gmail notifications from (required by `run`)",
-        "",
-        "projects/acme/subscriptions/gmail-sync",
-    ),
-    var(
-        "GMAIL_SYNC_TOPIC",
-        "Pub/Sub topic Gmail publishes to; passed to users.watch (required by `mailbox add`)",
-        "",
-        "projects/acme/topics/gmail-push",
-    ),
-    var(
-        "GMAIL_SYNC_REDIS_URL",
-        "Redis URL (single node); ignored when GMAIL_SYNC_REDIS_CLUSTER_NODES is set",
-        "redis://127.0.0.1:6379/",
-        "rediss://:password@redis.internal:6380/0",
-    ),
-    var(
-        "GMAIL_SYNC_REDIS_CLUSTER_NODES",
-        "Comma-separated Redis Cluster seed nodes; enables cluster mode",
-        "",
-        "redis://10.0.0.1:6379,redis://10.0.0.2:6379",
-    ),
-    var(
-        "GMAIL_SYNC_KEY_PREFIX",
-        "Prefix of every Redis key, so several deployments can share one Redis (letters, digits, - _ . :)",
-        "gmail-sync",
-        "prod-eu",
-    ),
-    var(
-        "GMAIL_SYNC_SHARDS",
-        "Number of change-stream shards (1-1024); fixed for the life of a deployment",
-        "16",
-        "64",
-    ),
-    var(
-        "GMAIL_SYNC_STREAM_MAXLEN",
-        "Approximate cap (XADD MAXLEN ~) of each shard's change stream",
-        "1000000",
-        "200000",
-    ),
-    var(
-        "GMAIL_SYNC_QUARANTINE_MAXLEN",
-        "Approximate cap of the quarantine stream of malformed notifications",
-        "100000",
-        "10000",
-    ),
-    var(
-        "GMAIL_SYNC_GMAIL_API_URL",
-        "Base URL of the Gmail API (tests point it at the simulator)",
-        "https://gmail.googleapis.com",
-        "http://127.0.0.1:8085",
-    ),
-    var(
-        "GMAIL_SYNC_DEV_ACCESS_TOKEN",
-        "DEVELOPMENT ONLY: a static OAuth access token used for every mailbox",
-        "",
-        "ya29.dev-token",
-    ),
-    var(
-        "GMAIL_SYNC_MAX_CONCURRENT_SYNCS",
-        "Mailbox syncs running at once in one process",
-        "64",
-        "128",
-    ),
-    var(
-        "GMAIL_SYNC_MAX_OUTSTANDING_MESSAGES",
-        "Pub/Sub flow control: messages leased and not yet acked, per process",
-        "1000",
-        "2000",
-    ),
-    var(
-        "GMAIL_SYNC_ACK_EXTENSION_SECS",
-        "Ack deadline the client asks for and keeps extending (10-600)",
-        "60",
-        "30",
-    ),
-    var(
-        "GMAIL_SYNC_MAX_LEASE_SECS",
-        "Longest a message is held before Pub/Sub may redeliver it (60-3600)",
-        "600",
-        "1200",
-    ),
-    var(
-        "GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS",
-        "On SIGTERM, how long in-flight syncs may finish before the rest is nacked",
-        "30",
-        "20",
-    ),
-    var(
-        "GMAIL_SYNC_MAILBOX_LEASE_MS",
-        "TTL of the per-mailbox Redis lease (renewed every third of it while syncing)",
-        "30000",
-        "60000",
-    ),
-    var(
-        "GMAIL_SYNC_HISTORY_PAGE_SIZE",
-        "maxResults of users.history.list (1-500)",
-        "500",
-        "100",
-    ),
-    var(
-        "GMAIL_SYNC_RESYNC_MAX_MESSAGES",
-        "Messages listed by a full resync after Gmail answered 404 (newest first)",
-        "1000",
-        "5000",
-    ),
-    var(
-        "GMAIL_SYNC_GMAIL_TIMEOUT_SECS",
-        "Timeout of one Gmail HTTP request",
-        "30",
-        "10",
-    ),
-    var(
-        "GMAIL_SYNC_GMAIL_MAX_ATTEMPTS",
-        "Attempts per Gmail call on retryable errors (429, 403 rate limits, 5xx, timeouts)",
-        "5",
-        "3",
-    ),
-    var(
-        "GMAIL_SYNC_SYNC_RETRIES",
-        "Times a mailbox sync is retried (with backoff) before its notifications are nacked",
-        "8",
-        "5",
-    ),
-    var(
-        "GMAIL_SYNC_SUMMARY_INTERVAL_SECS",
-        "Interval of the one-line summary in the log (0 = off)",
-        "60",
-        "10",
-    ),
-    var(
-        "GMAIL_SYNC_LOG_MAILBOX",
-        "How mailboxes appear in logs: `hash` (stable 64-bit hash) or `plain`",
-        "hash",
-        "plain",
-    ),
-    var(
-        "GMAIL_SYNC_HEALTH_DIR",
-        "Directory of the liveness/readiness files read by `gmail-sync health`",
-        "/tmp/gmail-sync",
-        "/run/gmail-sync",
-    ),
-    var(
-        "PUBSUB_EMULATOR_HOST",
-        "Use the Pub/Sub emulator at HOST:PORT with anonymous credentials",
-        "",
-        "127.0.0.1:8085",
-    ),
-    var(
-        "GOOGLE_APPLICATION_CREDENTIALS",
-        "Service-account key file for Pub/Sub; unset = Application Default Credentials (Workload Identity)",
-        "",
-        "/var/secrets/sa.json",
-    ),
-    var(
-        "RUST_LOG",
-        "Log filter (tracing EnvFilter syntax); logs are JSON lines on stdout",
-        "info",
-        "info,gmail_sync=debug",
-    ),
-];
+    /// Pub/Sub topic Gmail publishes to; passed to users.watch (required by `mailbox add`)
+    ///
+    /// e.g. projects/acme/topics/gmail-push
+    #[arg(long, env = TOPIC, value_parser = resource_name("topics"))]
+    topic: Option<String>,
+
+    /// Redis URL (single node); ignored when GMAIL_SYNC_REDIS_CLUSTER_NODES is set
+    ///
+    /// e.g. rediss://:password@redis.internal:6380/0
+    // No value parser: an ignored URL is not checked (as before), so `into_config` checks it
+    // only when it is used.
+    #[arg(long, env = REDIS_URL, hide_env_values = true, default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+
+    /// Comma-separated Redis Cluster seed nodes; enables cluster mode
+    ///
+    /// e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_REDIS_CLUSTER_NODES",
+        hide_env_values = true,
+        value_parser = redis_cluster_nodes
+    )]
+    redis_cluster: Option<RedisTarget>,
+
+    /// Prefix of every Redis key, so several deployments can share one Redis
+    /// (letters, digits, - _ . :)
+    ///
+    /// e.g. prod-eu
+    #[arg(long, env = "GMAIL_SYNC_KEY_PREFIX", default_value = "gmail-sync", value_parser = key_prefix)]
+    key_prefix: String,
+
+    /// Number of change-stream shards (1-1024); fixed for the life of a deployment
+    ///
+    /// e.g. 64
+    #[arg(long, env = "GMAIL_SYNC_SHARDS", default_value = "16", value_parser = integer::<u32>(1, 1024))]
+    shards: u32,
+
+    /// Approximate cap (XADD MAXLEN ~) of each shard's change stream, in entries (at least 1000)
+    ///
+    /// e.g. 200000
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_STREAM_MAXLEN",
+        default_value = "1000000",
+        value_parser = integer::<u64>(1_000, u64::MAX)
+    )]
+    stream_maxlen: u64,
+
+    /// Approximate cap of the quarantine stream of malformed notifications, in entries
+    /// (at least 100)
+    ///
+    /// e.g. 10000
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_QUARANTINE_MAXLEN",
+        default_value = "100000",
+        value_parser = integer::<u64>(100, u64::MAX)
+    )]
+    quarantine_maxlen: u64,
+
+    /// Base URL of the Gmail API (tests point it at the simulator)
+    ///
+    /// e.g. http://127.0.0.1:8085
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_GMAIL_API_URL",
+        default_value = "https://gmail.googleapis.com",
+        value_parser = http_url
+    )]
+    gmail_api_url: String,
+
+    /// DEVELOPMENT ONLY: a static OAuth access token used for every mailbox
+    ///
+    /// e.g. ya29.dev-token
+    #[arg(long, env = "GMAIL_SYNC_DEV_ACCESS_TOKEN", hide_env_values = true, value_parser = secret)]
+    dev_access_token: Option<Secret>,
+
+    /// Mailbox syncs running at once in one process (1-10000)
+    ///
+    /// e.g. 128
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_MAX_CONCURRENT_SYNCS",
+        default_value = "64",
+        value_parser = integer::<usize>(1, 10_000)
+    )]
+    max_concurrent_syncs: usize,
+
+    /// Pub/Sub flow control: messages leased and not yet acked, per process (1-1000000)
+    ///
+    /// e.g. 2000
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_MAX_OUTSTANDING_MESSAGES",
+        default_value = "1000",
+        value_parser = integer::<i64>(1, 1_000_000)
+    )]
+    max_outstanding_messages: i64,
+
+    /// Ack deadline the client asks for and keeps extending, in seconds (10-600)
+    ///
+    /// e.g. 30
+    #[arg(long, env = "GMAIL_SYNC_ACK_EXTENSION_SECS", default_value = "60", value_parser = seconds(10, 600))]
+    ack_extension: Duration,
+
+    /// Longest a message is held before Pub/Sub may redeliver it, in seconds (60-3600)
+    ///
+    /// e.g. 1200
+    #[arg(long, env = "GMAIL_SYNC_MAX_LEASE_SECS", default_value = "600", value_parser = seconds(60, 3600))]
+    max_lease: Duration,
+
+    /// On SIGTERM, how long in-flight syncs may finish before the rest is nacked, in seconds
+    /// (0-3600; 0 = nack at once)
+    ///
+    /// e.g. 20
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS",
+        default_value = "30",
+        value_parser = seconds(0, 3600)
+    )]
+    shutdown_timeout: Duration,
+
+    /// TTL of the per-mailbox Redis lease, in milliseconds (1000-3600000); renewed every third
+    /// of it while syncing
+    ///
+    /// e.g. 60000
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_MAILBOX_LEASE_MS",
+        default_value = "30000",
+        value_parser = milliseconds(1_000, 3_600_000)
+    )]
+    mailbox_lease: Duration,
+
+    /// maxResults of users.history.list (1-500)
+    ///
+    /// e.g. 100
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_HISTORY_PAGE_SIZE",
+        default_value = "500",
+        value_parser = integer::<u32>(1, 500)
+    )]
+    history_page_size: u32,
+
+    /// Messages listed by a full resync after Gmail answered 404, newest first (0-1000000)
+    ///
+    /// e.g. 5000
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_RESYNC_MAX_MESSAGES",
+        default_value = "1000",
+        value_parser = integer::<u32>(0, 1_000_000)
+    )]
+    resync_max_messages: u32,
+
+    /// Timeout of one Gmail HTTP request, in seconds (1-600)
+    ///
+    /// e.g. 10
+    #[arg(long, env = "GMAIL_SYNC_GMAIL_TIMEOUT_SECS", default_value = "30", value_parser = seconds(1, 600))]
+    gmail_timeout: Duration,
+
+    /// Attempts per Gmail call on retryable errors: 429, 403 rate limits, 5xx, timeouts (1-20)
+    ///
+    /// e.g. 3
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_GMAIL_MAX_ATTEMPTS",
+        default_value = "5",
+        value_parser = integer::<u32>(1, 20)
+    )]
+    gmail_max_attempts: u32,
+
+    /// Times a mailbox sync is retried (with backoff) before its notifications are nacked
+    /// (0-100)
+    ///
+    /// e.g. 5
+    #[arg(long, env = "GMAIL_SYNC_SYNC_RETRIES", default_value = "8", value_parser = integer::<u32>(0, 100))]
+    sync_retries: u32,
+
+    /// How often each mailbox's users.watch is renewed, in seconds (5-518400); Gmail stops
+    /// notifying 7 days after the last watch and recommends renewing daily
+    ///
+    /// e.g. 43200
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_RENEW_INTERVAL_SECS",
+        default_value = "86400",
+        value_parser = seconds(5, 518_400)
+    )]
+    renew_interval: Duration,
+
+    /// Each renewal lands uniformly within plus or minus this many seconds of the interval, so
+    /// renewals spread over the day (0-86399; below the interval; unset = half the interval)
+    ///
+    /// e.g. 3600
+    #[arg(long, env = "GMAIL_SYNC_RENEW_JITTER_SECS", value_parser = seconds(0, 86_399))]
+    renew_jitter: Option<Duration>,
+
+    /// Cap on users.watch renewals per minute for the whole deployment, 100 quota units each,
+    /// split evenly over the shards (1-1000000)
+    ///
+    /// e.g. 120
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_RENEWALS_PER_MINUTE",
+        default_value = "600",
+        value_parser = integer::<u32>(1, 1_000_000)
+    )]
+    renewals_per_minute: u32,
+
+    /// How long a replica's claim on a due mailbox (renewal or fallback sync) lasts, in seconds
+    /// (2-3600); a replica that dies mid-claim loses it after this
+    ///
+    /// e.g. 300
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_CLAIM_TIMEOUT_SECS",
+        default_value = "120",
+        value_parser = seconds(2, 3600)
+    )]
+    claim_timeout: Duration,
+
+    /// A mailbox without a sync for this many seconds is synced anyway, because notifications
+    /// can be dropped (1-604800)
+    ///
+    /// e.g. 1800
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_FALLBACK_SILENCE_SECS",
+        default_value = "900",
+        value_parser = seconds(1, 604_800)
+    )]
+    fallback_silence: Duration,
+
+    /// Up to this many seconds are added to each silent mailbox's next fallback sync, to spread
+    /// them (0-86400)
+    ///
+    /// e.g. 300
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_FALLBACK_JITTER_SECS",
+        default_value = "120",
+        value_parser = seconds(0, 86_400)
+    )]
+    fallback_jitter: Duration,
+
+    /// How often the scheduler looks for due renewals and fallback syncs, in milliseconds
+    /// (20-60000); one Redis call per shard when nothing is due
+    ///
+    /// e.g. 5000
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_SCHEDULER_TICK_MS",
+        default_value = "1000",
+        value_parser = milliseconds(20, 60_000)
+    )]
+    scheduler_tick: Duration,
+
+    /// Warn (log line and counter) about watches that expire within this many seconds while
+    /// their renewal keeps failing (60-604800)
+    ///
+    /// e.g. 86400
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_WATCH_WARN_HORIZON_SECS",
+        default_value = "172800",
+        value_parser = seconds(60, 604_800)
+    )]
+    watch_warn_horizon: Duration,
+
+    /// Interval of the one-line summary in the log, in seconds (0-86400; 0 = off)
+    ///
+    /// e.g. 10
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_SUMMARY_INTERVAL_SECS",
+        default_value = "60",
+        value_parser = seconds(0, 86_400)
+    )]
+    summary_interval: Duration,
+
+    /// How mailboxes appear in logs: `hash` (stable 64-bit hash) or `plain`
+    ///
+    /// e.g. plain
+    #[arg(long, env = "GMAIL_SYNC_LOG_MAILBOX", default_value = "hash", value_parser = mailbox_log_style)]
+    log_mailbox: MailboxLogStyle,
+
+    /// Directory of the liveness/readiness files read by `gmail-sync health`
+    ///
+    /// e.g. /run/gmail-sync
+    #[arg(long, env = "GMAIL_SYNC_HEALTH_DIR", default_value = "/tmp/gmail-sync")]
+    health_dir: PathBuf,
+
+    /// Use the Pub/Sub emulator at HOST:PORT with anonymous credentials
+    ///
+    /// e.g. 127.0.0.1:8085
+    #[arg(long, env = "PUBSUB_EMULATOR_HOST", value_parser = emulator_host)]
+    pubsub_emulator: Option<PubSubEndpoint>,
+
+    /// Service-account key file for Pub/Sub; unset = Application Default Credentials (Workload
+    /// Identity)
+    ///
+    /// e.g. /var/secrets/sa.json
+    // Read by google-cloud-auth itself; defined here to be documented with the rest.
+    #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS")]
+    google_application_credentials: Option<PathBuf>,
+
+    /// Log filter (tracing EnvFilter syntax); logs are JSON lines on stdout
+    ///
+    /// e.g. info,gmail_sync=debug
+    // Read by tracing's EnvFilter in `telemetry::init_logging`; defined here to be documented.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    rust_log: String,
+}
 
 /// A value that must never be printed: `Debug` shows `[redacted]` (invariant I7).
 #[derive(Clone, PartialEq, Eq)]
@@ -246,12 +406,6 @@ impl fmt::Debug for RedisTarget {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MailboxLogStyle {
-    Hash,
-    Plain,
-}
-
 #[derive(Clone, Debug)]
 pub enum PubSubEndpoint {
     /// Google's service with Application Default Credentials.
@@ -270,6 +424,7 @@ pub struct Config {
     pub gmail: GmailSettings,
     pub consumer: ConsumerSettings,
     pub sync: SyncSettings,
+    pub scheduler: SchedulerSettings,
     pub summary_interval: Option<Duration>,
     pub log_mailbox: MailboxLogStyle,
     pub health_dir: std::path::PathBuf,
@@ -308,6 +463,19 @@ pub struct SyncSettings {
     pub resync_max_messages: u32,
 }
 
+/// The scheduler's periods (see `scheduler::SchedulePolicy` for how they combine).
+#[derive(Clone, Debug)]
+pub struct SchedulerSettings {
+    pub renew_interval: Duration,
+    pub renew_jitter: Duration,
+    pub renewals_per_minute: u32,
+    pub claim_timeout: Duration,
+    pub fallback_silence: Duration,
+    pub fallback_jitter: Duration,
+    pub tick: Duration,
+    pub warn_horizon: Duration,
+}
+
 /// Startup refused: names the variable and says what is expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {name}: {problem}")]
@@ -317,138 +485,21 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// Loads from the process environment; a value that is not UTF-8 counts as unset.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
-    /// Loads from any lookup (tests pass a map). Empty values count as unset.
+    /// Loads from any lookup (tests pass a map); nothing else is read. Empty values count as
+    /// unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let env = Env(&lookup);
-        let subscription = env
-            .opt("GMAIL_SYNC_SUBSCRIPTION")
-            .map(|v| resource_name("GMAIL_SYNC_SUBSCRIPTION", &v, "subscriptions"))
-            .transpose()?;
-        let topic = env
-            .opt("GMAIL_SYNC_TOPIC")
-            .map(|v| resource_name("GMAIL_SYNC_TOPIC", &v, "topics"))
-            .transpose()?;
-        let pubsub = match env.opt("PUBSUB_EMULATOR_HOST") {
-            None => PubSubEndpoint::Google,
-            Some(host) => {
-                let valid = host
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-                if !valid || host.contains("://") {
-                    return Err(ConfigError {
-                        name: "PUBSUB_EMULATOR_HOST",
-                        problem: format!("expected HOST:PORT (e.g. 127.0.0.1:8085), got {host:?}"),
-                    });
-                }
-                PubSubEndpoint::Emulator(format!("http://{host}"))
-            }
-        };
-        let redis = match env.opt("GMAIL_SYNC_REDIS_CLUSTER_NODES") {
-            Some(nodes) => {
-                let nodes: Vec<String> = nodes
-                    .split(',')
-                    .map(|n| n.trim().to_string())
-                    .filter(|n| !n.is_empty())
-                    .collect();
-                for n in &nodes {
-                    redis_url("GMAIL_SYNC_REDIS_CLUSTER_NODES", n)?;
-                }
-                if nodes.is_empty() {
-                    return Err(ConfigError {
-                        name: "GMAIL_SYNC_REDIS_CLUSTER_NODES",
-                        problem: "expected at least one redis:// URL".into(),
-                    });
-                }
-                RedisTarget::Cluster(nodes)
-            }
-            None => {
-                let url = env.str_or("GMAIL_SYNC_REDIS_URL");
-                redis_url("GMAIL_SYNC_REDIS_URL", &url)?;
-                RedisTarget::Single(url)
-            }
-        };
-        let key_prefix = env.str_or("GMAIL_SYNC_KEY_PREFIX");
-        let prefix_ok = !key_prefix.is_empty()
-            && key_prefix.len() <= 64
-            && key_prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-        if !prefix_ok {
-            return Err(ConfigError {
-                name: "GMAIL_SYNC_KEY_PREFIX",
-                problem: format!(
-                    "expected 1-64 characters among letters, digits, '-', '_', '.', ':', got {key_prefix:?}"
-                ),
-            });
-        }
-        let api_url = env.str_or("GMAIL_SYNC_GMAIL_API_URL");
-        if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
-            return Err(ConfigError {
-                name: "GMAIL_SYNC_GMAIL_API_URL",
-                problem: format!("expected an http:// or https:// URL, got {api_url:?}"),
-            });
-        }
-        let log_mailbox = match env.str_or("GMAIL_SYNC_LOG_MAILBOX").as_str() {
-            "hash" => MailboxLogStyle::Hash,
-            "plain" => MailboxLogStyle::Plain,
-            other => {
-                return Err(ConfigError {
-                    name: "GMAIL_SYNC_LOG_MAILBOX",
-                    problem: format!("expected `hash` or `plain`, got {other:?}"),
-                });
-            }
-        };
-        let summary_secs = env.num("GMAIL_SYNC_SUMMARY_INTERVAL_SECS", 0, 86_400)?;
-        Ok(Config {
-            subscription,
-            topic,
-            pubsub,
-            redis,
-            store: StoreSettings {
-                key_prefix,
-                shards: env.num("GMAIL_SYNC_SHARDS", 1, 1024)? as u32,
-                stream_maxlen: env.num("GMAIL_SYNC_STREAM_MAXLEN", 1_000, u64::MAX)?,
-                quarantine_maxlen: env.num("GMAIL_SYNC_QUARANTINE_MAXLEN", 100, u64::MAX)?,
-            },
-            gmail: GmailSettings {
-                api_url: api_url.trim_end_matches('/').to_string(),
-                dev_access_token: env.opt("GMAIL_SYNC_DEV_ACCESS_TOKEN").map(Secret),
-                request_timeout: env.secs("GMAIL_SYNC_GMAIL_TIMEOUT_SECS", 1, 600)?,
-                max_attempts: env.num("GMAIL_SYNC_GMAIL_MAX_ATTEMPTS", 1, 20)? as u32,
-            },
-            consumer: ConsumerSettings {
-                max_concurrent_syncs: env.num("GMAIL_SYNC_MAX_CONCURRENT_SYNCS", 1, 10_000)?
-                    as usize,
-                max_outstanding_messages: env.num(
-                    "GMAIL_SYNC_MAX_OUTSTANDING_MESSAGES",
-                    1,
-                    1_000_000,
-                )? as i64,
-                ack_extension: env.secs("GMAIL_SYNC_ACK_EXTENSION_SECS", 10, 600)?,
-                max_lease: env.secs("GMAIL_SYNC_MAX_LEASE_SECS", 60, 3600)?,
-                shutdown_timeout: env.secs("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", 0, 3600)?,
-                sync_retries: env.num("GMAIL_SYNC_SYNC_RETRIES", 0, 100)? as u32,
-            },
-            sync: SyncSettings {
-                mailbox_lease: env.millis("GMAIL_SYNC_MAILBOX_LEASE_MS", 1_000, 3_600_000)?,
-                history_page_size: env.num("GMAIL_SYNC_HISTORY_PAGE_SIZE", 1, 500)? as u32,
-                resync_max_messages: env.num("GMAIL_SYNC_RESYNC_MAX_MESSAGES", 0, 1_000_000)?
-                    as u32,
-            },
-            summary_interval: (summary_secs > 0).then(|| Duration::from_secs(summary_secs)),
-            log_mailbox,
-            health_dir: env.str_or("GMAIL_SYNC_HEALTH_DIR").into(),
-        })
+        Environment::parse(&lookup)?.into_config()
     }
 
     /// The subscription, which `run` needs.
     pub fn require_subscription(&self) -> Result<&str, ConfigError> {
         self.subscription.as_deref().ok_or(ConfigError {
-            name: "GMAIL_SYNC_SUBSCRIPTION",
+            name: SUBSCRIPTION,
             problem: "required: the full subscription name, projects/PROJECT/subscriptions/NAME"
                 .into(),
         })
@@ -457,21 +508,262 @@ impl Config {
     /// The topic, which `mailbox add` passes to users.watch.
     pub fn require_topic(&self) -> Result<&str, ConfigError> {
         self.topic.as_deref().ok_or(ConfigError {
-            name: "GMAIL_SYNC_TOPIC",
+            name: TOPIC,
             problem: "required: the full topic name, projects/PROJECT/topics/NAME".into(),
         })
     }
 }
 
-/// The variable table as shown by `--help`.
-pub fn help_table() -> String {
-    let mut out = String::from("Environment variables:\n");
-    for v in VARIABLES {
-        let default = if v.default.is_empty() {
-            String::new()
-        } else {
-            format!(" [default: {}]", v.default)
+impl Environment {
+    /// Parses what `lookup` finds, with clap.
+    ///
+    /// clap's `Arg::env` reads the *process* environment when the argument is built, and its
+    /// parser falls back to what it read. `from_lookup` must depend on its lookup alone
+    /// (integration tests build several configs from different maps in one process), so the
+    /// parser is a copy of the definition with that reading detached (`env(None)`), and each
+    /// non-blank value the lookup finds is handed to it as the command line `--LONG=VALUE`
+    /// (after `=`, clap takes the rest verbatim, leading `-` included). Defaults, value parsers
+    /// and the typed struct are then clap's ordinary derive machinery. `from_env` is the same
+    /// path with `std::env::var` as the lookup.
+    fn parse(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Environment, ConfigError> {
+        let command_line: Vec<String> = variables()
+            .iter()
+            .filter_map(|variable| {
+                let value = lookup(variable.name).filter(|value| !value.trim().is_empty())?;
+                Some(format!("--{}={value}", variable.long))
+            })
+            .collect();
+        let mut parser = DEFINITION.clone().mut_args(|arg| arg.env(None::<&str>));
+        let matches = parser
+            .try_get_matches_from_mut(command_line)
+            .map_err(|error| refused(&parser, &error))?;
+        Ok(Environment::from_arg_matches(&matches)
+            .expect("the matches come from Environment's own definition"))
+    }
+
+    /// The rules that involve more than one variable, and the `Config` the rest of the code uses.
+    fn into_config(self) -> Result<Config, ConfigError> {
+        // Destructured in full, so that a new field cannot be left out here by accident.
+        let Environment {
+            subscription,
+            topic,
+            redis_url,
+            redis_cluster,
+            key_prefix,
+            shards,
+            stream_maxlen,
+            quarantine_maxlen,
+            gmail_api_url,
+            dev_access_token,
+            max_concurrent_syncs,
+            max_outstanding_messages,
+            ack_extension,
+            max_lease,
+            shutdown_timeout,
+            mailbox_lease,
+            history_page_size,
+            resync_max_messages,
+            gmail_timeout,
+            gmail_max_attempts,
+            sync_retries,
+            renew_interval,
+            renew_jitter,
+            renewals_per_minute,
+            claim_timeout,
+            fallback_silence,
+            fallback_jitter,
+            scheduler_tick,
+            watch_warn_horizon,
+            summary_interval,
+            log_mailbox,
+            health_dir,
+            pubsub_emulator,
+            google_application_credentials: _,
+            rust_log: _,
+        } = self;
+        let renew_jitter = renew_jitter.unwrap_or(renew_interval / 2);
+        if renew_jitter >= renew_interval {
+            return Err(ConfigError {
+                name: "GMAIL_SYNC_RENEW_JITTER_SECS",
+                problem: format!(
+                    "expected less than GMAIL_SYNC_RENEW_INTERVAL_SECS ({}), got {}",
+                    renew_interval.as_secs(),
+                    renew_jitter.as_secs()
+                ),
+            });
+        }
+        let redis = match redis_cluster {
+            Some(cluster) => cluster,
+            None => {
+                redis_url_is_valid(&redis_url)
+                    .map_err(|expected| variable(REDIS_URL).refuse(&expected, &redis_url))?;
+                RedisTarget::Single(redis_url)
+            }
         };
+        Ok(Config {
+            subscription,
+            topic,
+            pubsub: pubsub_emulator.unwrap_or(PubSubEndpoint::Google),
+            redis,
+            store: StoreSettings {
+                key_prefix,
+                shards,
+                stream_maxlen,
+                quarantine_maxlen,
+            },
+            gmail: GmailSettings {
+                api_url: gmail_api_url,
+                dev_access_token,
+                request_timeout: gmail_timeout,
+                max_attempts: gmail_max_attempts,
+            },
+            consumer: ConsumerSettings {
+                max_concurrent_syncs,
+                max_outstanding_messages,
+                ack_extension,
+                max_lease,
+                shutdown_timeout,
+                sync_retries,
+            },
+            sync: SyncSettings {
+                mailbox_lease,
+                history_page_size,
+                resync_max_messages,
+            },
+            scheduler: SchedulerSettings {
+                renew_interval,
+                renew_jitter,
+                renewals_per_minute,
+                claim_timeout,
+                fallback_silence,
+                fallback_jitter,
+                tick: scheduler_tick,
+                warn_horizon: watch_warn_horizon,
+            },
+            summary_interval: (!summary_interval.is_zero()).then_some(summary_interval),
+            log_mailbox,
+            health_dir,
+        })
+    }
+}
+
+/// The error startup prints for a value clap's parser refused.
+fn refused(parser: &Command, error: &clap::Error) -> ConfigError {
+    // clap names the argument by its display form (`--shards <SHARDS>`), keeps the value, and
+    // keeps the value parser's message as the error's source.
+    let context = |kind| match error.get(kind) {
+        Some(ContextValue::String(text)) => Some(text.as_str()),
+        _ => None,
+    };
+    let failing_arg = context(ContextKind::InvalidArg);
+    let variable = parser
+        .get_arguments()
+        .find(|arg| failing_arg == Some(arg.to_string().as_str()))
+        .and_then(|arg| variables().iter().find(|v| arg.get_long() == Some(v.long)))
+        .unwrap_or_else(|| {
+            panic!(
+                "clap refused the environment without naming a variable ({})",
+                error.kind()
+            )
+        });
+    let expected = std::error::Error::source(error)
+        .map_or_else(|| error.kind().to_string(), ToString::to_string);
+    variable.refuse(
+        &expected,
+        context(ContextKind::InvalidValue).unwrap_or_default(),
+    )
+}
+
+/// One environment variable as `--help` and README.md show it, read from its clap definition.
+pub struct Variable {
+    pub name: &'static str,
+    pub meaning: String,
+    /// `None`: unset unless given (some commands require it).
+    pub default: Option<&'static str>,
+    pub example: String,
+    /// The value is never echoed, neither by `--help` nor in errors (clap's `hide_env_values`):
+    /// it may hold a password or a token.
+    pub secret: bool,
+    /// The internal `--LONG` name that carries the value into clap's parser.
+    long: &'static str,
+}
+
+/// Every variable, in the order of the definition.
+pub fn variables() -> &'static [Variable] {
+    &VARIABLES
+}
+
+/// The clap definition of [`Environment`], built once. Building it reads the process environment
+/// (clap's `Arg::env` does), but nothing uses what it read: see [`Environment::parse`].
+static DEFINITION: LazyLock<Command> = LazyLock::new(|| {
+    Environment::augment_args(
+        Command::new("gmail-sync environment")
+            .no_binary_name(true)
+            .disable_help_flag(true)
+            .disable_version_flag(true),
+    )
+});
+
+static VARIABLES: LazyLock<Vec<Variable>> =
+    LazyLock::new(|| DEFINITION.get_arguments().map(Variable::of).collect());
+
+impl Variable {
+    fn of(arg: &'static clap::Arg) -> Variable {
+        let name = arg
+            .get_env()
+            .and_then(|name| name.to_str())
+            .expect("every field of Environment names its variable with `env`");
+        let meaning = arg.get_help().map(ToString::to_string);
+        let long_help = arg.get_long_help().map(ToString::to_string);
+        let example = long_help
+            .as_deref()
+            .and_then(|help| help.split("\n\n").find_map(|p| p.strip_prefix("e.g. ")));
+        let (Some(meaning), Some(example)) = (meaning.clone(), example) else {
+            panic!("the doc comment of {name} needs its meaning, then an `e.g. EXAMPLE` paragraph");
+        };
+        Variable {
+            name,
+            meaning,
+            default: arg
+                .get_default_values()
+                .first()
+                .map(|default| default.to_str().expect("defaults are UTF-8")),
+            example: example.to_string(),
+            secret: arg.is_hide_env_values_set(),
+            long: arg
+                .get_long()
+                .expect("every field of Environment has `long`"),
+        }
+    }
+
+    /// Startup refuses `value`: says what is expected, and what was given unless it is secret.
+    fn refuse(&'static self, expected: &str, value: &str) -> ConfigError {
+        ConfigError {
+            name: self.name,
+            problem: if self.secret {
+                expected.to_string()
+            } else {
+                format!("{expected}, got {value:?}")
+            },
+        }
+    }
+}
+
+fn variable(name: &str) -> &'static Variable {
+    variables()
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("{name} is not defined in Environment"))
+}
+
+/// The variable table printed after `--help`.
+pub(crate) fn help_table() -> String {
+    let mut out = String::from("Environment variables:\n");
+    for v in variables() {
+        let default = v
+            .default
+            .map(|default| format!(" [default: {default}]"))
+            .unwrap_or_default();
         out.push_str(&format!(
             "  {}\n      {}{}\n      e.g. {}\n",
             v.name, v.meaning, default, v.example
@@ -480,75 +772,129 @@ pub fn help_table() -> String {
     out
 }
 
-struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+// The value parsers of `Environment`. Each one says only what it expects ("expected ...");
+// `Variable::refuse` adds the variable's name and, unless it is secret, the value.
 
-impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
-    fn opt(&self, name: &str) -> Option<String> {
-        (self.0)(name).filter(|v| !v.trim().is_empty())
-    }
+/// What clap accepts as a value parser: the parsed value, or what was expected.
+trait ValueRule<T>: Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {}
 
-    fn default_of(name: &str) -> &'static str {
-        VARIABLES
-            .iter()
-            .find(|v| v.name == name)
-            .map(|v| v.default)
-            .expect("every variable read is listed in VARIABLES")
-    }
+impl<T, F> ValueRule<T> for F where F: Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {}
 
-    fn str_or(&self, name: &str) -> String {
-        self.opt(name)
-            .unwrap_or_else(|| Self::default_of(name).to_string())
-    }
-
-    fn secs(&self, name: &'static str, min: u64, max: u64) -> Result<Duration, ConfigError> {
-        self.num(name, min, max).map(Duration::from_secs)
-    }
-
-    fn millis(&self, name: &'static str, min: u64, max: u64) -> Result<Duration, ConfigError> {
-        self.num(name, min, max).map(Duration::from_millis)
-    }
-
-    fn num(&self, name: &'static str, min: u64, max: u64) -> Result<u64, ConfigError> {
-        let raw = self.str_or(name);
-        match raw.trim().parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(ConfigError {
-                name,
-                problem: if max == u64::MAX {
-                    format!("expected an integer >= {min}, got {raw:?}")
+/// A whole number from `min` to `max` (`u64::MAX`: no upper bound), blanks around it allowed,
+/// as the field's type `T` (the range fits it).
+fn integer<T: TryFrom<u64> + 'static>(min: u64, max: u64) -> impl ValueRule<T> {
+    move |value| {
+        value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .and_then(|n| T::try_from(n).ok())
+            .ok_or_else(|| {
+                if max == u64::MAX {
+                    format!("expected an integer >= {min}")
                 } else {
-                    format!("expected an integer from {min} to {max}, got {raw:?}")
-                },
-            }),
+                    format!("expected an integer from {min} to {max}")
+                }
+            })
+    }
+}
+
+/// A duration given as a whole number of seconds from `min` to `max`.
+fn seconds(min: u64, max: u64) -> impl ValueRule<Duration> {
+    let count = integer::<u64>(min, max);
+    move |value| count(value).map(Duration::from_secs)
+}
+
+/// A duration given as a whole number of milliseconds from `min` to `max`.
+fn milliseconds(min: u64, max: u64) -> impl ValueRule<Duration> {
+    let count = integer::<u64>(min, max);
+    move |value| count(value).map(Duration::from_millis)
+}
+
+/// A full Pub/Sub resource name, `projects/PROJECT/{kind}/NAME`.
+fn resource_name(kind: &'static str) -> impl ValueRule<String> {
+    move |value| {
+        let parts: Vec<&str> = value.split('/').collect();
+        let valid = parts.len() == 4
+            && parts[0] == "projects"
+            && !parts[1].is_empty()
+            && parts[2] == kind
+            && !parts[3].is_empty();
+        if valid {
+            Ok(value.to_string())
+        } else {
+            Err(format!("expected projects/PROJECT/{kind}/NAME"))
         }
     }
 }
 
-fn resource_name(name: &'static str, value: &str, kind: &str) -> Result<String, ConfigError> {
-    let parts: Vec<&str> = value.split('/').collect();
-    let ok = parts.len() == 4
-        && parts[0] == "projects"
-        && !parts[1].is_empty()
-        && parts[2] == kind
-        && !parts[3].is_empty();
-    if ok {
+fn redis_url_is_valid(url: &str) -> Result<(), String> {
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|_| ())
+        .map_err(|_| "expected a redis:// or rediss:// URL (e.g. redis://127.0.0.1:6379/)".into())
+}
+
+fn redis_cluster_nodes(value: &str) -> Result<RedisTarget, String> {
+    let nodes: Vec<String> = value
+        .split(',')
+        .map(|node| node.trim().to_string())
+        .filter(|node| !node.is_empty())
+        .collect();
+    for node in &nodes {
+        redis_url_is_valid(node)?;
+    }
+    if nodes.is_empty() {
+        return Err("expected at least one redis:// URL".into());
+    }
+    Ok(RedisTarget::Cluster(nodes))
+}
+
+/// 1-64 characters that cannot break a key or its `{...}` hash tag.
+fn key_prefix(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if valid {
         Ok(value.to_string())
     } else {
-        Err(ConfigError {
-            name,
-            problem: format!("expected projects/PROJECT/{kind}/NAME, got {value:?}"),
-        })
+        Err("expected 1-64 characters among letters, digits, '-', '_', '.', ':'".into())
     }
 }
 
-fn redis_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
-    redis::IntoConnectionInfo::into_connection_info(url)
-        .map(|_| ())
-        .map_err(|_| ConfigError {
-            name,
-            // The URL may hold a password: never echo it.
-            problem: "expected a redis:// or rediss:// URL (e.g. redis://127.0.0.1:6379/)".into(),
-        })
+/// An http(s) base URL, kept without its trailing slashes (request paths are appended to it).
+fn http_url(value: &str) -> Result<String, String> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.trim_end_matches('/').to_string())
+    } else {
+        Err("expected an http:// or https:// URL".into())
+    }
+}
+
+fn mailbox_log_style(value: &str) -> Result<MailboxLogStyle, String> {
+    match value {
+        "hash" => Ok(MailboxLogStyle::Hash),
+        "plain" => Ok(MailboxLogStyle::Plain),
+        _ => Err("expected `hash` or `plain`".into()),
+    }
+}
+
+/// `HOST:PORT` of the Pub/Sub emulator, which speaks plain HTTP.
+fn emulator_host(value: &str) -> Result<PubSubEndpoint, String> {
+    let valid = value
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if valid && !value.contains("://") {
+        Ok(PubSubEndpoint::Emulator(format!("http://{value}")))
+    } else {
+        Err("expected HOST:PORT (e.g. 127.0.0.1:8085)".into())
+    }
+}
+
+fn secret(value: &str) -> Result<Secret, String> {
+    Ok(Secret::new(value))
 }
 
 #[cfg(test)]
@@ -618,8 +964,260 @@ mod tests {
     #[test]
     fn readme_documents_every_variable() {
         let readme = include_str!("../README.md");
-        for v in VARIABLES {
+        for v in variables() {
             assert!(readme.contains(v.name), "README.md lacks {}", v.name);
+        }
+        // The table row says what the definition says: meaning, default and example.
+        let row = |v: &Variable| {
+            let default = v.default.map_or("—".to_string(), |d| format!("`{d}`"));
+            format!(
+                "| `{}` | {} | {default} | `{}` |",
+                v.name, v.meaning, v.example
+            )
+        };
+        let table: Vec<String> = variables().iter().map(row).collect();
+        let stale: Vec<&String> = table.iter().filter(|r| !readme.contains(*r)).collect();
+        assert!(
+            stale.is_empty(),
+            "README.md's environment table differs from the definitions in rows:\n{}\n\nthe table \
+             should read:\n{}",
+            stale
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            table.join("\n")
+        );
+        let section = readme
+            .split("### Environment variables")
+            .nth(1)
+            .and_then(|rest| rest.split("\n#").next())
+            .expect("README.md has an Environment variables section");
+        for line in section.lines().filter(|l| l.starts_with("| `")) {
+            assert!(
+                table.iter().any(|r| r == line),
+                "README.md documents a variable that is not defined: {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_variable_has_a_meaning_and_an_example() {
+        for v in variables() {
+            assert!(!v.meaning.is_empty() && !v.example.is_empty(), "{}", v.name);
+        }
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        for blank in ["", "  "] {
+            let c = load(&[
+                ("GMAIL_SYNC_SHARDS", blank),
+                ("GMAIL_SYNC_SUBSCRIPTION", blank),
+            ])
+            .unwrap();
+            assert_eq!(c.store.shards, 16);
+            assert_eq!(c.subscription, None);
+        }
+    }
+
+    /// Integration tests build configs from maps in one process: the process environment must
+    /// not leak into `from_lookup`. Setting variables here would race with the other tests, so
+    /// the check runs in a copy of this test binary whose environment holds them.
+    #[test]
+    fn only_the_lookup_is_read() {
+        const IN_CHILD: &str = "GMAIL_SYNC_CONFIG_TEST_CHILD";
+        if std::env::var_os(IN_CHILD).is_some() {
+            let c = load(&[]).unwrap();
+            assert_eq!(c.store.shards, 16);
+            assert!(c.gmail.dev_access_token.is_none());
+            assert_eq!(load(&[("GMAIL_SYNC_SHARDS", "8")]).unwrap().store.shards, 8);
+            let c = Config::from_env().unwrap();
+            assert_eq!(c.store.shards, 7);
+            assert_eq!(
+                c.gmail.dev_access_token.as_ref().map(Secret::expose),
+                Some("from-the-process")
+            );
+            assert!(!help_table().contains("from-the-process"));
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "config::tests::only_the_lookup_is_read"])
+            .env(IN_CHILD, "1")
+            .env("GMAIL_SYNC_SHARDS", "7")
+            .env("GMAIL_SYNC_DEV_ACCESS_TOKEN", "from-the-process")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn refusals_say_what_is_expected_as_before() {
+        let problem = |name: &str, value: &str| load(&[(name, value)]).unwrap_err().problem;
+        assert_eq!(
+            problem("GMAIL_SYNC_SHARDS", "lots"),
+            "expected an integer from 1 to 1024, got \"lots\""
+        );
+        assert_eq!(
+            problem("GMAIL_SYNC_STREAM_MAXLEN", "999"),
+            "expected an integer >= 1000, got \"999\""
+        );
+        assert_eq!(
+            problem("GMAIL_SYNC_SUBSCRIPTION", "my-sub"),
+            "expected projects/PROJECT/subscriptions/NAME, got \"my-sub\""
+        );
+        assert_eq!(
+            problem("PUBSUB_EMULATOR_HOST", "localhost"),
+            "expected HOST:PORT (e.g. 127.0.0.1:8085), got \"localhost\""
+        );
+        assert_eq!(
+            problem("GMAIL_SYNC_REDIS_CLUSTER_NODES", " , "),
+            "expected at least one redis:// URL"
+        );
+        // A value starting with '-' is a value, not an option.
+        assert_eq!(
+            problem("GMAIL_SYNC_SHARDS", "-5"),
+            "expected an integer from 1 to 1024, got \"-5\""
+        );
+    }
+
+    #[test]
+    fn values_are_read_as_before() {
+        let c = load(&[
+            ("GMAIL_SYNC_SHARDS", " 64 "),
+            ("GMAIL_SYNC_GMAIL_API_URL", "http://127.0.0.1:8085//"),
+            ("GMAIL_SYNC_SUMMARY_INTERVAL_SECS", "0"),
+            ("GMAIL_SYNC_LOG_MAILBOX", "plain"),
+            ("GMAIL_SYNC_MAILBOX_LEASE_MS", "1500"),
+            (
+                "GMAIL_SYNC_REDIS_CLUSTER_NODES",
+                "redis://10.0.0.1:6379, ,redis://10.0.0.2:6379",
+            ),
+            // Ignored with cluster nodes, so not checked (as before).
+            ("GMAIL_SYNC_REDIS_URL", "not a url"),
+        ])
+        .unwrap();
+        assert_eq!(c.store.shards, 64);
+        assert_eq!(c.gmail.api_url, "http://127.0.0.1:8085");
+        assert_eq!(c.summary_interval, None);
+        assert_eq!(c.log_mailbox, MailboxLogStyle::Plain);
+        assert_eq!(c.sync.mailbox_lease, Duration::from_millis(1500));
+        assert!(
+            matches!(c.redis, RedisTarget::Cluster(ref n) if n == &["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+        );
+        let c = load(&[]).unwrap();
+        assert_eq!(c.summary_interval, Some(Duration::from_secs(60)));
+        assert_eq!(c.consumer.ack_extension, Duration::from_secs(60));
+        assert_eq!(c.gmail.api_url, "https://gmail.googleapis.com");
+        assert!(c.redis == RedisTarget::Single("redis://127.0.0.1:6379/".into()));
+    }
+
+    #[test]
+    fn secrets_are_never_echoed() {
+        for name in [
+            "GMAIL_SYNC_REDIS_URL",
+            "GMAIL_SYNC_REDIS_CLUSTER_NODES",
+            "GMAIL_SYNC_DEV_ACCESS_TOKEN",
+        ] {
+            assert!(
+                variable(name).secret,
+                "{name} must be marked hide_env_values"
+            );
+        }
+        for (name, value) in [
+            (
+                "GMAIL_SYNC_REDIS_URL",
+                "redis-ish://:hunter2@10.1.2.3:6379/",
+            ),
+            (
+                "GMAIL_SYNC_REDIS_CLUSTER_NODES",
+                "redis://:hunter2@10.0.0.1:6379,http://:hunter2@x",
+            ),
+        ] {
+            let err = load(&[(name, value)]).unwrap_err();
+            assert_eq!(err.name, name);
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+        // `--help` shows examples and defaults, never what the environment holds.
+        assert!(!help_table().contains("hunter2"));
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_meaning_default_and_example() {
+        let help = help_table();
+        for v in variables() {
+            let default = v
+                .default
+                .map(|d| format!(" [default: {d}]"))
+                .unwrap_or_default();
+            let entry = format!(
+                "  {}\n      {}{default}\n      e.g. {}\n",
+                v.name, v.meaning, v.example
+            );
+            assert!(help.contains(&entry), "--help lacks {entry}");
+        }
+    }
+
+    /// Ranges written in a meaning, "(MIN-MAX" or "(at least MIN", are the ones enforced; every
+    /// integer variable states its range.
+    #[test]
+    fn stated_ranges_are_the_enforced_ones() {
+        for v in variables() {
+            let refused = |value: &str| load(&[(v.name, value)]).is_err();
+            let stated = v.meaning.split('(').skip(1).find_map(|part| {
+                let digits = |s: &str| {
+                    s.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                };
+                if let Some(rest) = part.strip_prefix("at least ") {
+                    return Some((digits(rest).parse::<u64>().ok()?, None));
+                }
+                let min = digits(part);
+                let max = digits(part.strip_prefix(&format!("{min}-"))?);
+                Some((min.parse().ok()?, Some(max.parse::<u64>().ok()?)))
+            });
+            let is_integer =
+                load(&[(v.name, "x")]).is_err_and(|e| e.problem.starts_with("expected an integer"));
+            let Some((min, max)) = stated else {
+                assert!(!is_integer, "{} should state its range", v.name);
+                continue;
+            };
+            assert!(is_integer, "{}", v.name);
+            assert!(!refused(&min.to_string()), "{} refuses {min}", v.name);
+            if min > 0 {
+                assert!(
+                    refused(&(min - 1).to_string()),
+                    "{} accepts {}",
+                    v.name,
+                    min - 1
+                );
+            }
+            if let Some(max) = max {
+                assert!(!refused(&max.to_string()), "{} refuses {max}", v.name);
+                assert!(
+                    refused(&(max + 1).to_string()),
+                    "{} accepts {}",
+                    v.name,
+                    max + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn required_values_name_defined_variables() {
+        let c = load(&[]).unwrap();
+        for err in [
+            c.require_subscription().unwrap_err(),
+            c.require_topic().unwrap_err(),
+        ] {
+            assert_eq!(variable(err.name).default, None);
         }
     }
 }

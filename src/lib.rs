@@ -3,16 +3,19 @@
 //! See ARCHITECTURE.md for the map and the invariants.
 
 pub mod app;
-pub mod auth;
+pub(crate) mod auth;
 pub mod cli;
 pub mod config;
-pub mod consumer;
-pub mod gmail;
-pub mod health;
+pub(crate) mod consumer;
+pub(crate) mod gmail;
+pub(crate) mod health;
 pub mod history_id;
 pub mod mailbox;
-pub mod notification;
+pub(crate) mod notification;
 pub mod registry;
+mod retry;
+pub mod scheduler;
 pub mod store;
+mod supervisor;
 pub mod sync;
 pub mod telemetry;

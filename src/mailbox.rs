@@ -7,6 +7,16 @@ use std::fmt;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mailbox(String);
 
+/// How logs show a mailbox (GMAIL_SYNC_LOG_MAILBOX): addresses are personal data, so the
+/// default is a pseudonym.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MailboxLogStyle {
+    /// The 64-bit [`Mailbox::stable_hash`], in hex.
+    Hash,
+    /// The address itself.
+    Plain,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a valid email address: {0}")]
 pub struct InvalidMailbox(pub &'static str);
@@ -59,10 +69,10 @@ impl Mailbox {
     }
 
     /// The mailbox as logs show it: a pseudonym by default (addresses are personal data).
-    pub fn for_log(&self, style: crate::config::MailboxLogStyle) -> String {
+    pub fn for_log(&self, style: MailboxLogStyle) -> String {
         match style {
-            crate::config::MailboxLogStyle::Plain => self.0.clone(),
-            crate::config::MailboxLogStyle::Hash => format!("{:016x}", self.stable_hash()),
+            MailboxLogStyle::Plain => self.0.clone(),
+            MailboxLogStyle::Hash => format!("{:016x}", self.stable_hash()),
         }
     }
 }

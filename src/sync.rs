@@ -12,12 +12,17 @@
 //! While the sync runs, the lease is renewed every third of its TTL; the commit script checks
 //! it again, so a worker that lost its lease (paused, partitioned) can never write.
 
-use crate::config::{MailboxLogStyle, SyncSettings};
-use crate::gmail::wire::HistoryRecord;
-use crate::gmail::{GmailClient, GmailError, REQUESTS_IN_TASK};
+use crate::config::SyncSettings;
+use crate::gmail::{
+    GmailClient, GmailError, HistoryChange, HistoryChangeKind, HistoryPage, ListedMessage,
+    REQUESTS_IN_TASK,
+};
 use crate::history_id::HistoryId;
-use crate::mailbox::Mailbox;
-use crate::store::{Begin, ChangeEntry, ChangeKind, Lease, Store, StoreError};
+use crate::mailbox::{Mailbox, MailboxLogStyle};
+use crate::store::{
+    AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, ResyncReason, Store,
+    StoreError,
+};
 use crate::telemetry::Counters;
 use std::future::Future;
 use std::sync::Arc;
@@ -40,7 +45,7 @@ pub enum SyncOutcome {
     /// The mailbox is not registered.
     Unknown,
     /// The mailbox needs attention; notifications are acked, the cursor is kept.
-    Disabled {
+    NeedsAttention {
         cursor: HistoryId,
     },
     /// Another worker holds the mailbox lease.
@@ -105,8 +110,22 @@ impl Syncer {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// Brings `mailbox` up to its latest history (the scheduler's fallback sync of a silent
+    /// mailbox: there is no notification, so no target historyId).
+    pub async fn sync_latest(&self, mailbox: &Mailbox, cancel: &CancellationToken) -> SyncOutcome {
+        self.sync_from(mailbox, LATEST, Start::History, cancel)
+            .await
+    }
+
+    /// A full resync now (`mailbox resync`): the same path as after a 404.
+    pub async fn resync(&self, mailbox: &Mailbox, cancel: &CancellationToken) -> SyncOutcome {
+        self.sync_from(
+            mailbox,
+            LATEST,
+            Start::FullResync(ResyncReason::Requested),
+            cancel,
+        )
+        .await
     }
 
     /// Brings `mailbox` to at least `target` if it can. Never panics, never leaves the lease
@@ -118,11 +137,22 @@ impl Syncer {
         target: HistoryId,
         cancel: &CancellationToken,
     ) -> SyncOutcome {
+        self.sync_from(mailbox, target, Start::History, cancel)
+            .await
+    }
+
+    async fn sync_from(
+        &self,
+        mailbox: &Mailbox,
+        target: HistoryId,
+        start: Start,
+        cancel: &CancellationToken,
+    ) -> SyncOutcome {
         let lease = Lease::new(self.settings.mailbox_lease);
         let cursor = match self.store.begin(mailbox, target, &lease).await {
             Err(e) => return SyncOutcome::Failed(e.into()),
             Ok(Begin::Unknown) => return SyncOutcome::Unknown,
-            Ok(Begin::Disabled { cursor }) => return SyncOutcome::Disabled { cursor },
+            Ok(Begin::NeedsAttention { cursor }) => return SyncOutcome::NeedsAttention { cursor },
             Ok(Begin::UpToDate { cursor }) => return SyncOutcome::UpToDate { cursor },
             Ok(Begin::Busy { cursor }) => {
                 Counters::inc(&self.counters.lease_busy);
@@ -136,7 +166,7 @@ impl Syncer {
             from = %cursor,
             target = %target,
         );
-        let work = self.run(mailbox, &lease, cursor);
+        let work = self.run(mailbox, &lease, cursor, start);
         let (result, gmail_calls) = REQUESTS_IN_TASK
             .scope(std::cell::Cell::new(0), async {
                 let result = tokio::select! {
@@ -169,7 +199,9 @@ impl Syncer {
                 let _ = self.store.release_lease(mailbox, &lease).await;
                 let permanent = !e.is_retryable();
                 let marked = if permanent {
-                    self.store.mark_attention(mailbox, &e.to_string()).await
+                    self.store
+                        .mark_attention(mailbox, &e.to_string(), AttentionSource::Sync)
+                        .await
                 } else {
                     Ok(())
                 };
@@ -205,7 +237,8 @@ impl Syncer {
         work: impl Future<Output = Result<T, SyncError>>,
     ) -> Result<T, SyncError> {
         let renew = async {
-            let period = lease.ttl / 3;
+            // A third of the TTL: two renewals may fail (a Redis blip) before the lease lapses.
+            let period = lease.ttl() / 3;
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tick.tick().await;
@@ -231,15 +264,24 @@ impl Syncer {
         mailbox: &Mailbox,
         lease: &Lease,
         cursor: HistoryId,
+        how: Start,
     ) -> Result<Progress, SyncError> {
         let mut progress = Progress {
             cursor,
             pages: 0,
             changes: 0,
         };
-        let mut start = cursor;
-        let mut page_token: Option<String> = None;
         let mut resynced = false;
+        if let Start::FullResync(reason) = how {
+            resynced = true;
+            let written;
+            (progress.cursor, written) = self
+                .full_resync(mailbox, lease, progress.cursor, reason)
+                .await?;
+            progress.changes += written;
+        }
+        let mut start = progress.cursor;
+        let mut page_token: Option<String> = None;
         loop {
             let page = match self
                 .gmail
@@ -255,8 +297,9 @@ impl Syncer {
                 Err(GmailError::HistoryGone) if !resynced => {
                     resynced = true;
                     let written;
-                    (progress.cursor, written) =
-                        self.full_resync(mailbox, lease, progress.cursor).await?;
+                    (progress.cursor, written) = self
+                        .full_resync(mailbox, lease, progress.cursor, ResyncReason::HistoryGone)
+                        .await?;
                     progress.changes += written;
                     start = progress.cursor;
                     page_token = None;
@@ -267,27 +310,20 @@ impl Syncer {
             };
             progress.pages += 1;
             Counters::inc(&self.counters.history_pages);
-            let last_page = page.next_page_token.is_none();
-            let last_record = page.history.last().map(|r| r.id);
-            let entries = entries_of(&page.history);
-            // Records are chronological: after a page, everything up to its last record is
-            // read. After the last page, the mailbox's current historyId is.
-            let to = match (last_page, last_record) {
-                (true, r) => page.history_id.max(r.unwrap_or_default()),
-                (false, Some(r)) => r,
-                (false, None) => progress.cursor,
-            }
-            .max(progress.cursor);
-            if last_page || !entries.is_empty() || to > progress.cursor {
-                progress.cursor = self
-                    .store
-                    .commit(mailbox, lease, progress.cursor, to, &entries, last_page)
-                    .await?;
-                progress.changes += entries.len() as u64;
-                Counters::add(&self.counters.changes_written, entries.len() as u64);
-            }
-            if last_page {
-                return Ok(progress);
+            match page_commit(progress.cursor, &page) {
+                PageCommit::Commit { to, lease_after } => {
+                    let entries = entries_of(&page.changes);
+                    progress.cursor = self
+                        .store
+                        .commit(mailbox, lease, progress.cursor, to, &entries, lease_after)
+                        .await?;
+                    progress.changes += entries.len() as u64;
+                    Counters::add(&self.counters.changes_written, entries.len() as u64);
+                    if lease_after == LeaseAfterCommit::Release {
+                        return Ok(progress);
+                    }
+                }
+                PageCommit::NextPage => {}
             }
             page_token = page.next_page_token;
         }
@@ -301,17 +337,17 @@ impl Syncer {
         mailbox: &Mailbox,
         lease: &Lease,
         from: HistoryId,
+        reason: ResyncReason,
     ) -> Result<(HistoryId, u64), SyncError> {
         Counters::inc(&self.counters.resyncs);
         let profile = self.gmail.profile(mailbox).await?;
         let h0 = profile.history_id;
-        tracing::warn!(profile_history_id = %h0, "history no longer available, full resync");
+        tracing::warn!(profile_history_id = %h0, reason = ?reason, "full resync");
         let max = self.settings.resync_max_messages as usize;
-        let mut listed = Vec::new();
-        let mut truncated = false;
+        let mut listed: Vec<ListedMessage> = Vec::new();
         let mut page_token: Option<String> = None;
         while listed.len() < max {
-            let want = (max - listed.len()).min(500) as u32;
+            let want = (max - listed.len()).min(MESSAGES_LIST_MAX_RESULTS) as u32;
             let page = self
                 .gmail
                 .list_messages(mailbox, page_token.as_deref(), want)
@@ -322,34 +358,18 @@ impl Syncer {
                 None => break,
             }
         }
-        if listed.len() > max || (listed.len() == max && page_token.is_some()) {
-            truncated = true;
-            listed.truncate(max);
-        }
+        let truncated = cut_listing(&mut listed, max, page_token.is_some());
         let mut entries = Vec::with_capacity(listed.len() + 1);
-        entries.push(ChangeEntry {
-            kind: ChangeKind::Resync,
-            history_id: h0,
-            fields: vec![
-                ("reason", "history_gone".to_string()),
-                ("listed", listed.len().to_string()),
-                ("truncated", if truncated { "1" } else { "0" }.to_string()),
-            ],
-        });
-        for m in &listed {
-            entries.push(ChangeEntry {
-                kind: ChangeKind::MessageListed,
-                history_id: h0,
-                fields: vec![
-                    ("message_id", m.id.clone()),
-                    ("thread_id", m.thread_id.clone()),
-                ],
-            });
-        }
+        entries.push(ChangeEntry::resync(h0, reason, listed.len(), truncated));
+        entries.extend(
+            listed
+                .iter()
+                .map(|m| ChangeEntry::listed(h0, &m.id, &m.thread_id)),
+        );
         let to = h0.max(from);
         let cursor = self
             .store
-            .commit(mailbox, lease, from, to, &entries, false)
+            .commit(mailbox, lease, from, to, &entries, LeaseAfterCommit::Keep)
             .await?;
         Counters::add(&self.counters.changes_written, entries.len() as u64);
         Ok((cursor, entries.len() as u64))
@@ -362,64 +382,193 @@ struct Progress {
     changes: u64,
 }
 
-/// History records → change entries, in history order (within a record: added, deleted,
-/// labels added, labels removed; Gmail puts one kind of change in a record).
-pub fn entries_of(records: &[HistoryRecord]) -> Vec<ChangeEntry> {
-    let mut out = Vec::new();
-    for r in records {
-        let added = r
-            .messages_added
-            .iter()
-            .map(|c| (ChangeKind::MessageAdded, &c.message, &c.message.label_ids));
-        let deleted = r
-            .messages_deleted
-            .iter()
-            .map(|c| (ChangeKind::MessageDeleted, &c.message, &c.message.label_ids));
-        let labeled = r
-            .labels_added
-            .iter()
-            .map(|c| (ChangeKind::LabelsAdded, &c.message, &c.label_ids));
-        let unlabeled = r
-            .labels_removed
-            .iter()
-            .map(|c| (ChangeKind::LabelsRemoved, &c.message, &c.label_ids));
-        for (kind, m, labels) in added.chain(deleted).chain(labeled).chain(unlabeled) {
-            out.push(ChangeEntry::message(
-                kind,
-                r.id,
-                &m.id,
-                &m.thread_id,
-                labels,
-            ));
-        }
+/// The target of a sync that has no notification to satisfy: every historyId is below it, so
+/// `begin` always takes the lease and the sync reads up to the mailbox's current history.
+const LATEST: HistoryId = HistoryId(u64::MAX);
+
+/// How a sync starts reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// `history.list` from the cursor (a 404 still turns into a full resync).
+    History,
+    /// A full resync first (profile, listing, `resync` entry), then history from there.
+    FullResync(ResyncReason),
+}
+
+/// `maxResults` ceiling of `users.messages.list`.
+const MESSAGES_LIST_MAX_RESULTS: usize = 500;
+
+/// What one history page does to the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageCommit {
+    /// Commit the page's entries and move the cursor to `to`; `Release` ends the sync.
+    Commit {
+        to: HistoryId,
+        lease_after: LeaseAfterCommit,
+    },
+    /// Nothing to write and the cursor stays: read the next page.
+    NextPage,
+}
+
+/// The page-cursor rule. Records are chronological: after a page, everything up to its last
+/// record has been read; after the last page, everything up to the mailbox's current historyId
+/// has. The cursor never moves back, and a page that neither writes nor advances is not
+/// committed (one round trip saved).
+fn page_commit(cursor: HistoryId, page: &HistoryPage) -> PageCommit {
+    let last_page = page.next_page_token.is_none();
+    let to = if last_page {
+        page.mailbox_history_id
+            .max(page.last_record.unwrap_or_default())
+    } else {
+        page.last_record.unwrap_or(cursor)
     }
-    out
+    .max(cursor);
+    if last_page {
+        PageCommit::Commit {
+            to,
+            lease_after: LeaseAfterCommit::Release,
+        }
+    } else if !page.changes.is_empty() || to > cursor {
+        PageCommit::Commit {
+            to,
+            lease_after: LeaseAfterCommit::Keep,
+        }
+    } else {
+        PageCommit::NextPage
+    }
+}
+
+/// Cuts a resync listing to `max` messages; true if messages were left out (more than `max`
+/// listed, or exactly `max` with another page waiting).
+fn cut_listing(listed: &mut Vec<ListedMessage>, max: usize, more_pages: bool) -> bool {
+    let truncated = listed.len() > max || (listed.len() == max && more_pages);
+    listed.truncate(max);
+    truncated
+}
+
+/// History changes → change entries, in history order.
+fn entries_of(changes: &[HistoryChange]) -> Vec<ChangeEntry> {
+    changes
+        .iter()
+        .map(|c| {
+            let kind = match c.kind {
+                HistoryChangeKind::MessageAdded => ChangeKind::MessageAdded,
+                HistoryChangeKind::MessageDeleted => ChangeKind::MessageDeleted,
+                HistoryChangeKind::LabelsAdded => ChangeKind::LabelsAdded,
+                HistoryChangeKind::LabelsRemoved => ChangeKind::LabelsRemoved,
+            };
+            ChangeEntry::message(
+                kind,
+                c.history_id,
+                &c.message_id,
+                &c.thread_id,
+                &c.label_ids,
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn page(changes: &[u64], last: Option<u64>, current: u64, more: bool) -> HistoryPage {
+        HistoryPage {
+            changes: changes
+                .iter()
+                .map(|&h| HistoryChange {
+                    history_id: HistoryId(h),
+                    kind: HistoryChangeKind::MessageAdded,
+                    message_id: format!("m{h}"),
+                    thread_id: "t".into(),
+                    label_ids: vec!["INBOX".into()],
+                })
+                .collect(),
+            last_record: last.map(HistoryId),
+            mailbox_history_id: HistoryId(current),
+            next_page_token: more.then(|| "next".to_string()),
+        }
+    }
+
+    fn commit(to: u64, lease_after: LeaseAfterCommit) -> PageCommit {
+        PageCommit::Commit {
+            to: HistoryId(to),
+            lease_after,
+        }
+    }
+
     #[test]
-    fn records_become_entries_in_order() {
-        let records: Vec<HistoryRecord> = serde_json::from_str(
-            r#"[{"id":"3","messagesAdded":[{"message":{"id":"a","threadId":"t","labelIds":["INBOX","UNREAD"]}}]},
-                {"id":"7","labelsRemoved":[{"message":{"id":"a","threadId":"t"},"labelIds":["UNREAD"]}]},
-                {"id":"9","messages":[{"id":"a","threadId":"t"}]},
-                {"id":"12","messagesDeleted":[{"message":{"id":"a","threadId":"t"}}]}]"#,
-        )
-        .unwrap();
-        let e = entries_of(&records);
-        let kinds: Vec<_> = e.iter().map(|e| (e.kind, e.history_id.get())).collect();
+    fn page_cursor_rule() {
+        use LeaseAfterCommit::{Keep, Release};
+        let c = HistoryId(10);
+        // Last page: to the mailbox's current historyId, releasing the lease.
         assert_eq!(
-            kinds,
-            vec![
-                (ChangeKind::MessageAdded, 3),
-                (ChangeKind::LabelsRemoved, 7),
-                (ChangeKind::MessageDeleted, 12)
-            ]
+            page_commit(c, &page(&[12], Some(12), 20, false)),
+            commit(20, Release)
         );
-        assert_eq!(e[0].fields[2], ("label_ids", "INBOX,UNREAD".to_string()));
-        assert_eq!(e[1].fields[2], ("label_ids", "UNREAD".to_string()));
+        // Last page, empty: still committed (it releases the lease and stamps synced_at).
+        assert_eq!(
+            page_commit(c, &page(&[], None, 10, false)),
+            commit(10, Release)
+        );
+        // A current historyId behind the cursor never moves it back.
+        assert_eq!(
+            page_commit(c, &page(&[], None, 7, false)),
+            commit(10, Release)
+        );
+        // More pages: up to the page's last record, keeping the lease.
+        assert_eq!(
+            page_commit(c, &page(&[11, 13], Some(14), 30, true)),
+            commit(14, Keep)
+        );
+        // A record without changes we read still advances the cursor.
+        assert_eq!(
+            page_commit(c, &page(&[], Some(15), 30, true)),
+            commit(15, Keep)
+        );
+        // Nothing read and nothing advanced: no round trip.
+        assert_eq!(
+            page_commit(c, &page(&[], None, 30, true)),
+            PageCommit::NextPage
+        );
+    }
+
+    #[test]
+    fn resync_listing_truncation() {
+        let listed = |n: usize| -> Vec<ListedMessage> {
+            (0..n)
+                .map(|i| ListedMessage {
+                    id: format!("m{i}"),
+                    thread_id: "t".into(),
+                })
+                .collect()
+        };
+        let mut l = listed(5);
+        assert!(!cut_listing(&mut l, 5, false), "exactly max, nothing more");
+        let mut l = listed(5);
+        assert!(
+            cut_listing(&mut l, 5, true),
+            "exactly max, another page waits"
+        );
+        let mut l = listed(7);
+        assert!(cut_listing(&mut l, 5, false));
+        assert_eq!(l.len(), 5);
+        let mut l = listed(3);
+        assert!(!cut_listing(&mut l, 5, false));
+        let mut l = listed(0);
+        assert!(
+            !cut_listing(&mut l, 0, false),
+            "listing disabled, empty mailbox"
+        );
+    }
+
+    #[test]
+    fn changes_become_entries() {
+        let p = page(&[3], Some(3), 3, false);
+        let e = entries_of(&p.changes);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].kind(), ChangeKind::MessageAdded);
+        assert_eq!(e[0].history_id(), HistoryId(3));
+        assert_eq!(e[0].field("label_ids"), Some("INBOX"));
     }
 }

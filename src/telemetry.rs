@@ -144,7 +144,7 @@ counters! {
     /// Notifications for mailboxes that are not registered (acked).
     unknown_mailbox,
     /// Notifications for mailboxes marked as needing attention (acked; cursor kept).
-    disabled_mailbox,
+    attention_mailbox,
     /// Notifications acked because the cursor already covered them (no Gmail call).
     acked_without_work,
     /// Notifications acked after a sync of this process committed past them.
@@ -173,6 +173,24 @@ counters! {
     gmail_rate_limited,
     /// Gmail 5xx, timeouts and connection failures.
     gmail_transient_errors,
+    /// Scheduler ticks (each looks at every shard's schedule once).
+    scheduler_ticks,
+    /// Watches renewed by the scheduler.
+    renewals,
+    /// Watch renewals that failed (transient and permanent).
+    renewal_failures,
+    /// Watch conflicts answered with users.stop and another users.watch.
+    watch_conflicts,
+    /// Fallback syncs of silent mailboxes.
+    fallback_syncs,
+    /// Change entries written by fallback syncs (changes whose notification never came).
+    fallback_changes,
+    /// Mailboxes marked as needing attention by the scheduler.
+    attention_marked,
+    /// Gauge: watches expiring within the warn horizon while their renewal fails.
+    watches_expiring_soon,
+    /// Gauge: the soonest of those expirations (epoch ms; 0 = none).
+    soonest_watch_expiry_ms,
 }
 
 impl Counters {
@@ -271,7 +289,7 @@ pub fn log_summary(counters: &Counters, message: &str) {
         nacked = s.nacked,
         quarantined = s.quarantined,
         unknown_mailbox = s.unknown_mailbox,
-        disabled_mailbox = s.disabled_mailbox,
+        attention_mailbox = s.attention_mailbox,
         syncs = s.syncs,
         resyncs = s.resyncs,
         changes_written = s.changes_written,
@@ -283,6 +301,12 @@ pub fn log_summary(counters: &Counters, message: &str) {
         gmail_quota_units = s.gmail_quota_units,
         gmail_rate_limited = s.gmail_rate_limited,
         gmail_transient_errors = s.gmail_transient_errors,
+        renewals = s.renewals,
+        renewal_failures = s.renewal_failures,
+        watch_conflicts = s.watch_conflicts,
+        fallback_syncs = s.fallback_syncs,
+        fallback_changes = s.fallback_changes,
+        watches_expiring_soon = s.watches_expiring_soon,
         ack_latency_p50_ms = ms(&counters.ack_latency, 0.5),
         ack_latency_p99_ms = ms(&counters.ack_latency, 0.99),
         handling_latency_p50_ms = ms(&counters.handling_latency, 0.5),

@@ -9,11 +9,9 @@
 #![allow(dead_code)] // each example uses a different part
 
 use gmail_sync::mailbox::Mailbox;
-use gmail_sync::telemetry::Counters;
 use gmail_sync_testbed::bed::{Options, RedisChoice, Testbed, WorkerProcess};
 use gmail_sync_testbed::gmail::SimConfig;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEV_TOKEN: &str = "demo-dev-token";
@@ -95,15 +93,13 @@ impl Bed {
     /// a mailbox again (on a new topic) keeps its cursor and its baseline.
     pub async fn add_mailboxes(&mut self, emails: &[String]) -> anyhow::Result<()> {
         let config = self.config();
-        let store = gmail_sync::app::connect_store(&config).await?;
-        let gmail = gmail_sync::app::gmail_client(&config, Arc::new(Counters::default()))?;
+        let registry = gmail_sync::registry::Registry::from_config(&config).await?;
         for email in emails {
             if !self.sim.has_mailbox(email) {
                 self.sim.add_mailbox(email);
             }
             let m = Mailbox::parse(email)?;
-            let r =
-                gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m).await?;
+            let r = registry.add(&m, None).await?;
             self.baselines
                 .entry(m.to_string())
                 .or_insert(r.cursor.get());

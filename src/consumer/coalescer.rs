@@ -16,23 +16,13 @@
 //! - retryable failures back off; permanent ones were recorded on the mailbox, whose
 //!   notifications are then acked (its cursor is kept, nothing is lost).
 
+use super::delivery::Ack;
+use super::dispatcher::Effect;
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::time::{Duration, Instant, SystemTime};
-
-/// Something that can be acked. Dropping it without `ack` gives the message back (nack), as
-/// the Pub/Sub `Handler` does.
-pub trait Ack: Send + 'static {
-    fn ack(self);
-}
-
-impl Ack for google_cloud_pubsub::subscriber::handler::Handler {
-    fn ack(self) {
-        google_cloud_pubsub::subscriber::handler::Handler::ack(self)
-    }
-}
 
 /// A notification waiting for a committed cursor.
 pub struct Waiter<A> {
@@ -67,14 +57,7 @@ pub enum AckReason {
     Synced,
     UnknownMailbox,
     /// The mailbox needs attention (permanent error); its cursor is kept.
-    Disabled,
-}
-
-pub enum Effect<A> {
-    StartSync { mailbox: Mailbox, target: HistoryId },
-    RetryLater { mailbox: Mailbox, after: Duration },
-    Ack(Vec<Waiter<A>>, AckReason),
-    Nack(Vec<Waiter<A>>),
+    NeedsAttention,
 }
 
 /// What a finished sync attempt means for the waiters.
@@ -89,7 +72,7 @@ pub enum SyncReport {
         cursor: HistoryId,
     },
     Unknown,
-    Disabled,
+    NeedsAttention,
     Retryable {
         retry_after: Option<Duration>,
     },
@@ -146,14 +129,8 @@ impl<A: Ack> Coalescer<A> {
         }
     }
 
-    /// Mailboxes with a sync in flight.
-    pub fn syncing(&self) -> usize {
-        self.mailboxes
-            .values()
-            .filter(|m| m.phase == Phase::Syncing)
-            .count()
-    }
-
+    /// No mailbox has waiters or a sync in flight (every sync in flight keeps its mailbox's
+    /// entry until it reports, so this is also "no sync in flight").
     pub fn is_empty(&self) -> bool {
         self.mailboxes.is_empty()
     }
@@ -204,8 +181,8 @@ impl<A: Ack> Coalescer<A> {
                 out.push(Effect::Ack(state.waiters, AckReason::UnknownMailbox));
                 return;
             }
-            SyncReport::Disabled => {
-                out.push(Effect::Ack(state.waiters, AckReason::Disabled));
+            SyncReport::NeedsAttention => {
+                out.push(Effect::Ack(state.waiters, AckReason::NeedsAttention));
                 return;
             }
             SyncReport::Aborted => {
@@ -232,7 +209,10 @@ impl<A: Ack> Coalescer<A> {
                         out.push(Effect::Nack(state.waiters));
                         return;
                     }
-                    Some(exponential(self.settings.not_visible_base, state.retries))
+                    Some(crate::retry::not_yet_visible(
+                        self.settings.not_visible_base,
+                        state.retries,
+                    ))
                 } else {
                     // All arrived during the sync: sync again now.
                     state.retries = 0;
@@ -257,7 +237,7 @@ impl<A: Ack> Coalescer<A> {
                     out.push(Effect::Nack(state.waiters));
                     return;
                 }
-                let backoff = crate::gmail::backoff(state.retries, None);
+                let backoff = crate::retry::gmail_call(state.retries, None);
                 Some(retry_after.map_or(backoff, |r| r.max(backoff)))
             }
         };
@@ -332,11 +312,6 @@ fn ack_covered<A>(
     }
 }
 
-fn exponential(base: Duration, attempt: u32) -> Duration {
-    base.saturating_mul(1 << attempt.saturating_sub(1).min(5))
-        .min(Duration::from_secs(16))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +367,7 @@ mod tests {
                     Effect::RetryLater { .. } => summary.push("retry".into()),
                     Effect::Ack(ws, _) => ws.into_iter().for_each(|w| w.ack.ack()),
                     Effect::Nack(ws) => drop(ws),
+                    _ => unreachable!("the coalescer emits only StartSync, RetryLater, Ack, Nack"),
                 }
             }
             summary
@@ -482,14 +458,14 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_disabled_mailboxes_are_acked_failures_back_off() {
+    fn unknown_and_attention_mailboxes_are_acked_failures_back_off() {
         let mut b = Bed::new();
         b.notify("u@x.com", 1);
         b.notify("d@x.com", 2);
         b.notify("f@x.com", 3);
         b.apply();
         b.done("u@x.com", SyncReport::Unknown);
-        b.done("d@x.com", SyncReport::Disabled);
+        b.done("d@x.com", SyncReport::NeedsAttention);
         b.done(
             "f@x.com",
             SyncReport::Retryable {

@@ -8,19 +8,23 @@
 //! Every call goes through [`GmailClient::call`], which classifies errors ([`GmailError`]) and
 //! retries what is retryable with jittered exponential backoff that honours `Retry-After`.
 
-pub mod wire;
+mod model;
+mod wire;
+
+pub use model::{
+    HistoryChange, HistoryChangeKind, HistoryPage, ListedMessage, MessagePage, Profile, Watch,
+};
 
 use crate::auth::{AccessToken, AuthError, TokenSource};
 use crate::config::GmailSettings;
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use crate::telemetry::Counters;
-use rand::Rng;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
-use wire::{ErrorBody, HistoryPage, MessageList, Profile, WatchResponse};
+use wire::ErrorBody;
 
 /// The Gmail methods used, with their quota cost in units (reference/apis.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +67,11 @@ pub enum GmailError {
         detail: String,
         retry_after: Option<Duration>,
     },
+    /// `users.watch` answered 400 "Only one user push notification client allowed per
+    /// developer (call /stop then try again)": another watch for this mailbox is active (other
+    /// topic) or racing. The caller stops, then watches again.
+    #[error("another push client is registered for this mailbox (watch conflict)")]
+    WatchConflict,
     /// 401 again after refreshing the token: the user must re-consent.
     #[error("unauthorized (401) even with a fresh token")]
     Unauthorized,
@@ -83,9 +92,10 @@ impl GmailError {
         match self {
             GmailError::RateLimited { .. } | GmailError::Transient { .. } => true,
             GmailError::Auth(e) => e.is_retryable(),
-            GmailError::HistoryGone | GmailError::Unauthorized | GmailError::Permanent { .. } => {
-                false
-            }
+            GmailError::HistoryGone
+            | GmailError::WatchConflict
+            | GmailError::Unauthorized
+            | GmailError::Permanent { .. } => false,
         }
     }
 
@@ -95,6 +105,55 @@ impl GmailError {
             | GmailError::Transient { retry_after, .. } => *retry_after,
             _ => None,
         }
+    }
+}
+
+/// The part of Gmail's 400 answer that identifies a watch conflict.
+const WATCH_CONFLICT_MESSAGE: &str = "Only one user push notification client allowed";
+
+/// A watch's label filter (`labelIds` + `labelFilterBehavior`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelFilter {
+    pub behavior: LabelFilterBehavior,
+    pub label_ids: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabelFilterBehavior {
+    Include,
+    Exclude,
+}
+
+impl LabelFilterBehavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelFilterBehavior::Include => "include",
+            LabelFilterBehavior::Exclude => "exclude",
+        }
+    }
+}
+
+impl LabelFilter {
+    /// The stored form: `include:ID,ID` / `exclude:ID,ID`.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.behavior.as_str(), self.label_ids.join(","))
+    }
+
+    pub fn decode(stored: &str) -> Option<LabelFilter> {
+        let (behavior, ids) = stored.split_once(':')?;
+        let behavior = match behavior {
+            "include" => LabelFilterBehavior::Include,
+            "exclude" => LabelFilterBehavior::Exclude,
+            _ => return None,
+        };
+        Some(LabelFilter {
+            behavior,
+            label_ids: ids
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        })
     }
 }
 
@@ -162,7 +221,7 @@ impl GmailClient {
         let start = start.to_string();
         let size = page_size.to_string();
         let result = self
-            .call(Method::HistoryList, mailbox, |http| {
+            .call::<wire::HistoryPage>(Method::HistoryList, mailbox, |http| {
                 let mut q: Vec<(&str, &str)> =
                     vec![("startHistoryId", &start), ("maxResults", &size)];
                 if let Some(t) = page_token {
@@ -172,15 +231,17 @@ impl GmailClient {
             })
             .await;
         match result {
+            Ok(page) => Ok(HistoryPage::from(page)),
             Err(GmailError::Permanent { status: 404, .. }) => Err(GmailError::HistoryGone),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
     pub async fn profile(&self, mailbox: &Mailbox) -> Result<Profile, GmailError> {
         let url = self.user_url(mailbox, "profile");
-        self.call(Method::GetProfile, mailbox, |http| http.get(url.clone()))
+        self.call::<wire::Profile>(Method::GetProfile, mailbox, |http| http.get(url.clone()))
             .await
+            .map(Profile::from)
     }
 
     /// One page of `users.messages.list` (ids and thread ids, newest first).
@@ -189,10 +250,10 @@ impl GmailClient {
         mailbox: &Mailbox,
         page_token: Option<&str>,
         max_results: u32,
-    ) -> Result<MessageList, GmailError> {
+    ) -> Result<MessagePage, GmailError> {
         let url = self.user_url(mailbox, "messages");
         let size = max_results.to_string();
-        self.call(Method::MessagesList, mailbox, |http| {
+        self.call::<wire::MessageList>(Method::MessagesList, mailbox, |http| {
             let mut q: Vec<(&str, &str)> = vec![("maxResults", &size)];
             if let Some(t) = page_token {
                 q.push(("pageToken", t));
@@ -200,16 +261,39 @@ impl GmailClient {
             http.get(url.clone()).query(&q)
         })
         .await
+        .map(MessagePage::from)
     }
 
-    /// `users.watch` on the whole mailbox (label-scoped watches miss replies).
-    pub async fn watch(&self, mailbox: &Mailbox, topic: &str) -> Result<WatchResponse, GmailError> {
+    /// `users.watch` on `topic`: the whole mailbox unless a label filter is given (label-scoped
+    /// watches miss replies, which do not inherit the thread's labels).
+    pub async fn watch(
+        &self,
+        mailbox: &Mailbox,
+        topic: &str,
+        filter: Option<&LabelFilter>,
+    ) -> Result<Watch, GmailError> {
         let url = self.user_url(mailbox, "watch");
-        let body = serde_json::json!({ "topicName": topic });
-        self.call(Method::Watch, mailbox, |http| {
+        let body = match filter {
+            None => serde_json::json!({ "topicName": topic }),
+            Some(f) => serde_json::json!({
+                "topicName": topic,
+                "labelIds": f.label_ids,
+                "labelFilterBehavior": f.behavior.as_str(),
+            }),
+        };
+        self.call::<wire::WatchResponse>(Method::Watch, mailbox, |http| {
             http.post(url.clone()).json(&body)
         })
         .await
+        .map(Watch::from)
+        .map_err(|e| match e {
+            GmailError::Permanent {
+                status: 400,
+                ref message,
+                ..
+            } if message.contains(WATCH_CONFLICT_MESSAGE) => GmailError::WatchConflict,
+            other => other,
+        })
     }
 
     pub async fn stop(&self, mailbox: &Mailbox) -> Result<(), GmailError> {
@@ -251,7 +335,7 @@ impl GmailClient {
             if !err.is_retryable() || attempt >= self.max_attempts {
                 return Err(err);
             }
-            let delay = backoff(attempt, err.retry_after());
+            let delay = crate::retry::gmail_call(attempt, err.retry_after());
             tracing::debug!(method = ?method, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying Gmail call");
             tokio::time::sleep(delay).await;
         }
@@ -394,19 +478,6 @@ fn retry_after_in_message(message: &str) -> Option<Duration> {
     Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
 }
 
-/// Full-jitter exponential backoff (250 ms × 2^(attempt-1), capped at 32 s), never shorter
-/// than what the server asked for (capped at 5 minutes).
-pub fn backoff(attempt: u32, server_asked: Option<Duration>) -> Duration {
-    let cap = Duration::from_millis(250)
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(7))
-        .min(Duration::from_secs(32));
-    let jittered = rand::rng().random_range(Duration::ZERO..=cap);
-    match server_asked {
-        Some(asked) => jittered.max(asked.min(Duration::from_secs(300))),
-        None => jittered.max(Duration::from_millis(50)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,18 +553,5 @@ mod tests {
         );
         let e = classify(StatusCode::TOO_MANY_REQUESTS, "", &msg, None).unwrap();
         assert!(e.retry_after().is_some());
-    }
-
-    #[test]
-    fn backoff_honours_server_and_caps() {
-        for attempt in 1..20 {
-            let d = backoff(attempt, None);
-            assert!(d <= Duration::from_secs(32));
-            assert!(backoff(attempt, Some(Duration::from_secs(40))) >= Duration::from_secs(40));
-        }
-        assert_eq!(
-            backoff(1, Some(Duration::from_secs(3600))),
-            Duration::from_secs(300)
-        );
     }
 }

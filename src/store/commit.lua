@@ -2,7 +2,7 @@
 -- KEYS[1] mailbox state hash, KEYS[2] mailbox lease, KEYS[3] the shard's change stream
 -- ARGV[1] lease token, ARGV[2] expected cursor (the one the entries follow),
 -- ARGV[3] new cursor, ARGV[4] lease TTL ms, ARGV[5] stream MAXLEN (approximate),
--- ARGV[6] mailbox, ARGV[7] '1' to release the lease, ARGV[8] now (epoch ms),
+-- ARGV[6] mailbox, ARGV[7] '1' to release the lease, ARGV[8] now (epoch s),
 -- ARGV[9..] entries: a field/value count n, then n strings; repeated.
 -- Returns {outcome, cursor}: ok | lease_lost | unknown | conflict | backwards
 local function gt(a, b)
@@ -33,7 +33,7 @@ while i <= #ARGV do
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
   i = i + n + 1
 end
-redis.call('HSET', KEYS[1], 'cursor', ARGV[3], 'synced_at', ARGV[8])
+redis.call('HSET', KEYS[1], 'cursor', ARGV[3], 'synced', ARGV[8])
 if ARGV[7] == '1' then
   redis.call('DEL', KEYS[2])
 else

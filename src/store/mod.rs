@@ -1,110 +1,52 @@
-//! Redis: the only module that knows keys and scripts.
+//! Redis: the only module that knows keys, scripts and the change-stream schema.
+//!
+//! - [`keys`]: every key name (`KeyLayout`), sharded by hash tag so one script touches one slot;
+//! - [`schema`]: the change stream's schema v1 (`ChangeEntry`, `ChangeKind`);
+//! - [`lease`]: the mailbox lease (`Lease`);
+//! - [`connection`]: single node or cluster (`RedisConnection`), retries of idempotent calls;
+//! - this file: the operations ([`Store`]), each one script or command, and their errors.
 //!
 //! # Key layout (works on a single Redis and on Redis Cluster)
-//! Mailboxes are spread over `S` shards (`GMAIL_SYNC_SHARDS`) by a stable hash. Everything one
-//! script touches shares the shard's hash tag `{PREFIX:sN}`, so it lives in one cluster slot:
-//!
 //! | key | type | content |
 //! |---|---|---|
-//! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced_at` (epoch ms), `attention` (reason, only when set) |
+//! | `{P:sN}:mb:EMAIL` | hash | `cursor` (historyId, decimal), `synced` (last commit, epoch s), `watch` (watch expiration, epoch s), `renew` (next renewal, epoch s); only when set: `attention` (reason), `labels` (watch label filter), `renew_fails` (consecutive failed renewals) |
 //! | `{P:sN}:lease:EMAIL` | string | `HOST:PID:RANDOM` token of the worker syncing EMAIL (PX TTL) |
-//! | `{P:sN}:changes` | stream | change entries of the shard's mailboxes (schema v1 below) |
-//! | `{P:sN}:watch` | zset | EMAIL scored by watch expiration (epoch ms) |
+//! | `{P:sN}:claim:EMAIL` | string | `HOST:PID:RANDOM` of the replica renewing or fallback-syncing EMAIL (PX TTL) |
+//! | `{P:sN}:changes` | stream | change entries of the shard's mailboxes (schema v1, see [`schema`]) |
+//! | `{P:sN}:schedule` | zset | every registered EMAIL, scored by when the scheduler next looks at it (epoch ms; `+inf` while it needs attention) |
+//! | `{P:sN}:renew-failing` | zset | EMAIL whose last renewal failed, scored by watch expiration (epoch ms) |
+//! | `{P:sN}:renew-budget` | string | renewals claimed in the shard in the current minute |
+//!
+//! Field names are short and times in seconds on purpose: an idle mailbox (state hash plus its
+//! schedule entry) stays under 300 bytes of Redis memory (measured by `examples/scheduler.rs`).
 //! | `{P}:quarantine` | stream | malformed notifications: `reason`, `data` (original bytes), `message_id`, `publish_time`, `received_at` |
-//!
-//! # Change stream schema, version 1
-//! Every entry has `v` = `1`, `mailbox`, `kind`, `history_id`. By kind:
-//! - `message_added`, `message_deleted`: `message_id`, `thread_id`, `label_ids` (comma-separated,
-//!   the message's labels as Gmail reported them; may be empty);
-//! - `labels_added`, `labels_removed`: `message_id`, `thread_id`, `label_ids` (the labels
-//!   added/removed by this change);
-//! - `resync`: Gmail no longer had history after the cursor; `history_id` is the profile's
-//!   historyId the mailbox restarts from, `reason`, `listed` (messages listed after this entry),
-//!   `truncated` (`1` if the listing stopped at GMAIL_SYNC_RESYNC_MAX_MESSAGES);
-//! - `message_listed`: a message present at resync time: `message_id`, `thread_id`.
-//!
-//! Entries of one mailbox appear in history order; `history_id` is the Gmail history record's id.
+
+mod connection;
+mod keys;
+mod lease;
+mod lifecycle;
+mod schema;
+
+pub use connection::RedisConnection;
+pub use keys::KeyLayout;
+pub use lease::Lease;
+pub use lifecycle::{
+    AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor, MailboxStatus,
+    RenewalWork, WatchPlan,
+};
+pub use schema::{ChangeEntry, ChangeKind, ResyncReason, SCHEMA_VERSION};
 
 use crate::config::{RedisTarget, StoreSettings};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use connection::{IDEMPOTENT_ATTEMPTS, RETRY_STEP, is_transient};
+use redis::Script;
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("begin.lua")));
 static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("commit.lua")));
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
-static REGISTER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("register.lua")));
-
-/// The schema version written in every change entry's `v` field (by commit.lua; a unit test
-/// keeps the two in step).
-pub const SCHEMA_VERSION: u32 = 1;
-
-/// A single Redis or a cluster; both multiplex one connection per node, are cheap to clone and
-/// safe to share between tasks, so no pool is needed.
-#[derive(Clone)]
-pub enum RedisConnection {
-    Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl RedisConnection {
-    pub async fn connect(target: &RedisTarget) -> Result<RedisConnection, StoreError> {
-        match target {
-            RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
-                // Response timeout above the 500 ms default: a large commit script is still a
-                // few ms, but a busy Redis should slow us down, not fail every sync.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(3)))
-                    .set_response_timeout(Some(Duration::from_secs(5)))
-                    .set_number_of_retries(3);
-                Ok(RedisConnection::Single(
-                    ConnectionManager::new_with_config(client, config).await?,
-                ))
-            }
-            RedisTarget::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                    .connection_timeout(Duration::from_secs(3))
-                    .response_timeout(Duration::from_secs(5))
-                    .build()?;
-                Ok(RedisConnection::Cluster(
-                    client.get_async_connection().await?,
-                ))
-            }
-        }
-    }
-}
-
-impl ConnectionLike for RedisConnection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            RedisConnection::Single(c) => c.req_packed_command(cmd),
-            RedisConnection::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            RedisConnection::Single(c) => c.get_db(),
-            RedisConnection::Cluster(c) => c.get_db(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -141,7 +83,7 @@ pub enum Begin {
     /// The mailbox is not registered.
     Unknown,
     /// The mailbox needs attention (e.g. revoked grant); its cursor is kept.
-    Disabled { cursor: HistoryId },
+    NeedsAttention { cursor: HistoryId },
     /// The cursor already covers the target: nothing to do.
     UpToDate { cursor: HistoryId },
     /// The lease is ours; sync from `cursor`.
@@ -150,153 +92,13 @@ pub enum Begin {
     Busy { cursor: HistoryId },
 }
 
+/// What a commit does with the mailbox lease in the same step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeKind {
-    MessageAdded,
-    MessageDeleted,
-    LabelsAdded,
-    LabelsRemoved,
-    Resync,
-    MessageListed,
-}
-
-impl ChangeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChangeKind::MessageAdded => "message_added",
-            ChangeKind::MessageDeleted => "message_deleted",
-            ChangeKind::LabelsAdded => "labels_added",
-            ChangeKind::LabelsRemoved => "labels_removed",
-            ChangeKind::Resync => "resync",
-            ChangeKind::MessageListed => "message_listed",
-        }
-    }
-}
-
-/// One entry for the change stream (schema v1, see the module docs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEntry {
-    pub kind: ChangeKind,
-    pub history_id: HistoryId,
-    /// Field/value pairs after `v`, `mailbox`, `kind`, `history_id`.
-    pub fields: Vec<(&'static str, String)>,
-}
-
-impl ChangeEntry {
-    pub fn message(
-        kind: ChangeKind,
-        history_id: HistoryId,
-        message_id: &str,
-        thread_id: &str,
-        label_ids: &[String],
-    ) -> ChangeEntry {
-        ChangeEntry {
-            kind,
-            history_id,
-            fields: vec![
-                ("message_id", message_id.to_string()),
-                ("thread_id", thread_id.to_string()),
-                ("label_ids", label_ids.join(",")),
-            ],
-        }
-    }
-}
-
-/// Derives every key name from the prefix and the shard count.
-#[derive(Clone, Debug)]
-pub struct KeyLayout {
-    prefix: String,
-    shards: u32,
-}
-
-impl KeyLayout {
-    pub fn new(prefix: &str, shards: u32) -> KeyLayout {
-        KeyLayout {
-            prefix: prefix.to_string(),
-            shards: shards.max(1),
-        }
-    }
-
-    pub fn shard_of(&self, mailbox: &Mailbox) -> u32 {
-        (mailbox.stable_hash() % u64::from(self.shards)) as u32
-    }
-
-    fn tag(&self, shard: u32) -> String {
-        format!("{{{}:s{}}}", self.prefix, shard)
-    }
-
-    pub fn state(&self, mailbox: &Mailbox) -> String {
-        format!("{}:mb:{}", self.tag(self.shard_of(mailbox)), mailbox)
-    }
-
-    pub fn lease(&self, mailbox: &Mailbox) -> String {
-        format!("{}:lease:{}", self.tag(self.shard_of(mailbox)), mailbox)
-    }
-
-    pub fn stream_of(&self, mailbox: &Mailbox) -> String {
-        self.stream(self.shard_of(mailbox))
-    }
-
-    pub fn stream(&self, shard: u32) -> String {
-        format!("{}:changes", self.tag(shard))
-    }
-
-    pub fn watch_set(&self, mailbox: &Mailbox) -> String {
-        format!("{}:watch", self.tag(self.shard_of(mailbox)))
-    }
-
-    /// All change streams, for consumers (one consumer group per stream).
-    pub fn streams(&self) -> Vec<String> {
-        (0..self.shards).map(|s| self.stream(s)).collect()
-    }
-
-    pub fn quarantine(&self) -> String {
-        format!("{{{}}}:quarantine", self.prefix)
-    }
-}
-
-/// A mailbox lease this worker holds (or tries to take): a random token and its TTL.
-#[derive(Clone, Debug)]
-pub struct Lease {
-    pub token: String,
-    pub ttl: Duration,
-}
-
-impl Lease {
-    /// A fresh token: `HOST:PID:RANDOM`. 128 random bits make it unique per attempt; host (the
-    /// pod name in Kubernetes) and pid tell an operator who holds a mailbox.
-    pub fn new(ttl: Duration) -> Lease {
-        Lease {
-            token: format!("{}:{:032x}", holder_identity(), rand::random::<u128>()),
-            ttl,
-        }
-    }
-
-    fn ttl_ms(&self) -> u64 {
-        (self.ttl.as_millis() as u64).max(1)
-    }
-}
-
-/// `HOST:PID` of this process, computed once.
-fn holder_identity() -> &'static str {
-    static IDENTITY: LazyLock<String> = LazyLock::new(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_default();
-        let host: String = host
-            .trim()
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
-            .take(64)
-            .collect();
-        format!(
-            "{}:{}",
-            if host.is_empty() { "unknown" } else { &host },
-            std::process::id()
-        )
-    });
-    &IDENTITY
+pub enum LeaseAfterCommit {
+    /// More pages follow: renew the lease's TTL.
+    Keep,
+    /// The sync is done: drop the lease.
+    Release,
 }
 
 /// A malformed message on its way to the quarantine stream.
@@ -352,6 +154,7 @@ impl Store {
         lease: &Lease,
     ) -> Result<Begin, StoreError> {
         let (outcome, cursor): (String, String) = self
+            .conn
             .retrying(|mut c| {
                 let mut inv = BEGIN.prepare_invoke();
                 inv.key(self.keys.state(mailbox))
@@ -365,7 +168,7 @@ impl Store {
         let cursor = || parse_cursor(&cursor);
         Ok(match outcome.as_str() {
             "unknown" => Begin::Unknown,
-            "disabled" => Begin::Disabled { cursor: cursor()? },
+            "attention" => Begin::NeedsAttention { cursor: cursor()? },
             "up_to_date" => Begin::UpToDate { cursor: cursor()? },
             "leased" => Begin::Leased { cursor: cursor()? },
             "busy" => Begin::Busy { cursor: cursor()? },
@@ -374,8 +177,8 @@ impl Store {
     }
 
     /// Appends `entries` and moves the cursor from `from` to `to` in one script, if the lease is
-    /// still ours and the cursor is still `from`. `release` drops the lease in the same step,
-    /// otherwise its TTL is renewed.
+    /// still ours and the cursor is still `from`; `lease_after` says whether the same step drops
+    /// the lease or renews its TTL.
     pub async fn commit(
         &self,
         mailbox: &Mailbox,
@@ -383,12 +186,9 @@ impl Store {
         from: HistoryId,
         to: HistoryId,
         entries: &[ChangeEntry],
-        release: bool,
+        lease_after: LeaseAfterCommit,
     ) -> Result<HistoryId, StoreError> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let now_s = now_ms() / 1000;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -402,8 +202,11 @@ impl Store {
                 .arg(lease.ttl_ms())
                 .arg(self.stream_maxlen)
                 .arg(mailbox.as_str())
-                .arg(if release { "1" } else { "0" })
-                .arg(now_ms);
+                .arg(match lease_after {
+                    LeaseAfterCommit::Release => "1",
+                    LeaseAfterCommit::Keep => "0",
+                })
+                .arg(now_s);
             for e in entries {
                 inv.arg(4 + 2 * e.fields.len())
                     .arg("kind")
@@ -418,8 +221,8 @@ impl Store {
             let reply: Result<(String, String), _> = inv.invoke_async(&mut c).await;
             let (outcome, cursor) = match reply {
                 Ok(r) => r,
-                Err(e) if attempt < 3 && is_transient(&e) => {
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                Err(e) if attempt < IDEMPOTENT_ATTEMPTS && is_transient(&e) => {
+                    tokio::time::sleep(RETRY_STEP * attempt).await;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -464,6 +267,7 @@ impl Store {
         ttl_ms: u64,
     ) -> Result<bool, StoreError> {
         let ours: i64 = self
+            .conn
             .retrying(|mut c| {
                 let mut inv = LEASE.prepare_invoke();
                 inv.key(self.keys.lease(mailbox)).arg(token).arg(ttl_ms);
@@ -476,6 +280,7 @@ impl Store {
     /// The stored cursor, or None if the mailbox is not registered.
     pub async fn cursor(&self, mailbox: &Mailbox) -> Result<Option<HistoryId>, StoreError> {
         let raw: Option<String> = self
+            .conn
             .retrying(|mut c| {
                 let key = self.keys.state(mailbox);
                 async move {
@@ -490,60 +295,12 @@ impl Store {
         raw.map(|r| parse_cursor(&r)).transpose()
     }
 
-    /// Registers a mailbox with its baseline cursor (idempotent: an existing cursor is kept, and
-    /// an `attention` mark is cleared). Returns (created, stored cursor).
-    pub async fn register(
-        &self,
-        mailbox: &Mailbox,
-        baseline: HistoryId,
-        watch_expiration_ms: u64,
-    ) -> Result<(bool, HistoryId), StoreError> {
-        let (created, cursor): (i64, String) = self
-            .retrying(|mut c| {
-                let mut inv = REGISTER.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.watch_set(mailbox))
-                    .arg(baseline.to_string())
-                    .arg(watch_expiration_ms)
-                    .arg(mailbox.as_str());
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        Ok((created == 1, parse_cursor(&cursor)?))
-    }
-
-    /// Marks a mailbox as needing attention (permanent Gmail/auth error). Its notifications are
-    /// then acked without work and its cursor stays, so `mailbox add` later resumes from it.
-    pub async fn mark_attention(&self, mailbox: &Mailbox, reason: &str) -> Result<(), StoreError> {
-        let key = self.keys.state(mailbox);
-        let reason: String = reason.chars().take(200).collect();
-        // HSET only if the mailbox still exists: never create a cursor-less state hash.
-        let script = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'attention', ARGV[1]) end return 1";
-        let _: i64 = self
-            .retrying(|mut c| {
-                let (key, reason) = (key.clone(), reason.clone());
-                async move {
-                    redis::cmd("EVAL")
-                        .arg(script)
-                        .arg(1)
-                        .arg(key)
-                        .arg(reason)
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await?;
-        Ok(())
-    }
-
     /// Copies a malformed message to the quarantine stream (invariant I6).
     pub async fn quarantine(&self, q: &Quarantined<'_>) -> Result<(), StoreError> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let now_ms = now_ms();
         let key = self.keys.quarantine();
         let _: String = self
+            .conn
             .retrying(|mut c| {
                 let cmd = {
                     let mut cmd = redis::cmd("XADD");
@@ -569,56 +326,16 @@ impl Store {
             .await?;
         Ok(())
     }
-
-    /// Runs an idempotent operation, retrying twice on connection-level errors (the connection
-    /// manager reports a dropped connection once and reconnects in the background).
-    async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
-    where
-        F: Fn(RedisConnection) -> Fut,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
-    {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match op(self.conn.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(e) if attempt < 3 && is_transient(&e) => {
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
 }
 
-fn is_transient(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal()
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 fn parse_cursor(raw: &str) -> Result<HistoryId, StoreError> {
     raw.parse()
         .map_err(|_| StoreError::Protocol(format!("stored cursor is not a historyId: {raw:?}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commit_script_writes_the_schema_version() {
-        let field = format!("'v', '{SCHEMA_VERSION}'");
-        assert!(include_str!("commit.lua").contains(&field));
-    }
-
-    #[test]
-    fn keys_of_one_mailbox_share_one_hash_tag() {
-        let k = KeyLayout::new("gs", 16);
-        let m = Mailbox::parse("alice@example.com").unwrap();
-        let tag = format!("{{gs:s{}}}", k.shard_of(&m));
-        for key in [k.state(&m), k.lease(&m), k.stream_of(&m), k.watch_set(&m)] {
-            assert!(key.starts_with(&tag), "{key}");
-        }
-        assert_eq!(k.streams().len(), 16);
-        assert_eq!(k.quarantine(), "{gs}:quarantine");
-    }
 }

@@ -70,7 +70,7 @@ async fn gmail_errors_are_retried_or_isolated() {
     assert!(
         eventually(Duration::from_secs(20), || worker
             .snapshot()
-            .disabled_mailbox
+            .attention_mailbox
             >= 1)
         .await,
         "{:?}",

@@ -136,16 +136,15 @@ impl Bed {
     /// (users.watch + baseline cursor), as `gmail-sync mailbox add` does.
     pub async fn add_mailboxes(&mut self, emails: &[String]) {
         let config = self.config();
-        let store = self.store().await;
-        let gmail = gmail_sync::app::gmail_client(&config, Arc::new(Counters::default())).unwrap();
+        let registry = gmail_sync::registry::Registry::from_config(&config)
+            .await
+            .expect("registry");
         for email in emails {
             if !self.sim.has_mailbox(email) {
                 self.sim.add_mailbox(email);
             }
             let m = Mailbox::parse(email).unwrap();
-            let r = gmail_sync::registry::add_mailbox(&gmail, &store, &self.topic.topic, &m)
-                .await
-                .expect("mailbox add");
+            let r = registry.add(&m, None).await.expect("mailbox add");
             self.baselines
                 .entry(m.to_string())
                 .or_insert(r.cursor.get());
@@ -189,11 +188,14 @@ impl Bed {
         let health_dir = config.health_dir.clone();
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(gmail_sync::app::run(
-            config,
-            shutdown.clone(),
-            counters.clone(),
-        ));
+        let task = tokio::spawn({
+            let (shutdown, counters) = (shutdown.clone(), counters.clone());
+            async move {
+                gmail_sync::app::run(config, shutdown, counters)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        });
         let mut worker = Worker {
             shutdown,
             counters,
@@ -299,7 +301,7 @@ pub async fn settle(worker: &Worker) {
             + s.nacked
             + s.quarantined
             + s.unknown_mailbox
-            + s.disabled_mailbox;
+            + s.attention_mailbox;
         if s.received == handled && s.received == last {
             stable_rounds += 1;
             if stable_rounds >= 15 {

@@ -13,6 +13,7 @@ mod duplicates;
 mod end_to_end;
 mod gmail_errors;
 mod harness;
+mod lifecycle;
 mod processes;
 mod redis_faults;
 mod resync;

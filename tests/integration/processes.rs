@@ -224,7 +224,7 @@ async fn startup_fails_clearly_on_bad_configuration() {
 
     let out = Command::new(bin).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for v in gmail_sync::config::VARIABLES {
+    for v in gmail_sync::config::variables() {
         assert!(help.contains(v.name), "--help lacks {}", v.name);
     }
 }
@@ -239,7 +239,7 @@ async fn mailbox_add_is_idempotent_and_keeps_the_cursor() {
     let bin = env!("CARGO_BIN_EXE_gmail-sync");
     let add = || {
         Command::new(bin)
-            .args(["mailbox", "add", email])
+            .args(["mailbox", "add", "--json", email])
             .envs(bed.env())
             .output()
             .unwrap()

@@ -3,8 +3,20 @@
 use crate::harness::Bed;
 use gmail_sync::history_id::HistoryId;
 use gmail_sync::mailbox::Mailbox;
-use gmail_sync::store::{Begin, ChangeEntry, ChangeKind, Lease, StoreError};
+use gmail_sync::store::{
+    AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, StoreError, WatchPlan,
+};
 use std::time::Duration;
+
+/// A schedule far in the future: these tests exercise the sync scripts only.
+fn idle_plan() -> WatchPlan {
+    WatchPlan {
+        expiration_ms: 4_000_000_000_000,
+        renew_at_s: 4_000_000_000,
+        first_look_ms: 4_000_000_000_000,
+        labels: None,
+    }
+}
 
 fn entry(h: u64) -> ChangeEntry {
     ChangeEntry::message(
@@ -23,12 +35,18 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
     let m = Mailbox::parse("cas@example.com").unwrap();
     let base = (1u64 << 53) + 1; // 2^53 + 1 is not representable as a double
     assert_eq!(
-        store.register(&m, HistoryId(base), 0).await.unwrap(),
+        store
+            .register(&m, HistoryId(base), &idle_plan())
+            .await
+            .unwrap(),
         (true, HistoryId(base))
     );
     // Registering again keeps the cursor (idempotent, never backwards).
     assert_eq!(
-        store.register(&m, HistoryId(base + 100), 0).await.unwrap(),
+        store
+            .register(&m, HistoryId(base + 100), &idle_plan())
+            .await
+            .unwrap(),
         (false, HistoryId(base))
     );
 
@@ -55,7 +73,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base - 1),
             &[entry(base - 1)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(matches!(back, Err(StoreError::Backwards(_))), "{back:?}");
@@ -66,7 +84,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base - 7),
             HistoryId(base + 2),
             &[entry(base + 2)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(
@@ -80,7 +98,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base + 2),
             &[entry(base + 2)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(matches!(foreign, Err(StoreError::LeaseLost)), "{foreign:?}");
@@ -97,7 +115,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base + 2),
             &[entry(base + 1), entry(base + 2)],
-            true,
+            LeaseAfterCommit::Release,
         )
         .await
         .unwrap();
@@ -111,7 +129,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base),
             HistoryId(base + 2),
             &[entry(base + 1), entry(base + 2)],
-            false,
+            LeaseAfterCommit::Keep,
         )
         .await;
     assert!(replay.is_err());
@@ -127,7 +145,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
     // Near u64::MAX the decimal comparison still holds.
     let top = Mailbox::parse("top@example.com").unwrap();
     store
-        .register(&top, HistoryId(u64::MAX - 10), 0)
+        .register(&top, HistoryId(u64::MAX - 10), &idle_plan())
         .await
         .unwrap();
     let l = Lease::new(Duration::from_secs(10));
@@ -142,7 +160,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(u64::MAX - 10),
             HistoryId(u64::MAX),
             &[],
-            true,
+            LeaseAfterCommit::Release,
         )
         .await
         .unwrap();
@@ -157,7 +175,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_and_disabled_mailboxes_are_reported_by_begin() {
+async fn unknown_and_attention_mailboxes_are_reported_by_begin() {
     let bed = Bed::start("store2").await;
     let store = bed.store().await;
     let lease = Lease::new(Duration::from_secs(5));
@@ -167,20 +185,32 @@ async fn unknown_and_disabled_mailboxes_are_reported_by_begin() {
         Begin::Unknown
     );
     // Marking an unknown mailbox must not create it.
-    store.mark_attention(&m, "x").await.unwrap();
+    store
+        .mark_attention(&m, "x", AttentionSource::Sync)
+        .await
+        .unwrap();
     assert_eq!(store.cursor(&m).await.unwrap(), None);
     let d = Mailbox::parse("revoked@example.com").unwrap();
-    store.register(&d, HistoryId(10), 0).await.unwrap();
-    store.mark_attention(&d, "invalid_grant").await.unwrap();
+    store
+        .register(&d, HistoryId(10), &idle_plan())
+        .await
+        .unwrap();
+    store
+        .mark_attention(&d, "invalid_grant", AttentionSource::Sync)
+        .await
+        .unwrap();
     assert_eq!(
         store.begin(&d, HistoryId(50), &lease).await.unwrap(),
-        Begin::Disabled {
+        Begin::NeedsAttention {
             cursor: HistoryId(10)
         }
     );
     // `mailbox add` re-enables and keeps the cursor.
     assert_eq!(
-        store.register(&d, HistoryId(99), 0).await.unwrap(),
+        store
+            .register(&d, HistoryId(99), &idle_plan())
+            .await
+            .unwrap(),
         (false, HistoryId(10))
     );
     assert!(matches!(

@@ -33,6 +33,25 @@ pub async fn read_streams<C: redis::aio::ConnectionLike + Send>(
     Ok(out)
 }
 
+/// Whether `e` is a lifecycle entry (kind `mailbox_*`) rather than a mail change.
+pub fn is_lifecycle(e: &StreamEntry) -> bool {
+    e.get("kind").is_some_and(|k| k.starts_with("mailbox_"))
+}
+
+/// The lifecycle entries of `mailbox`, as (kind, reason) in stream order.
+pub fn lifecycle_entries(entries: &[StreamEntry], mailbox: &str) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .filter(|e| is_lifecycle(e) && e.get("mailbox").map(String::as_str) == Some(mailbox))
+        .map(|e| {
+            (
+                e.get("kind").cloned().unwrap_or_default(),
+                e.get("reason").cloned().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
 /// For every mailbox in `baselines` (mailbox → baseline cursor), the entries must be exactly
 /// the ledger's visible changes after the baseline, in order, none twice (I4, I5); and no entry
 /// may belong to another mailbox. Returns the number of entries checked.
@@ -42,7 +61,9 @@ pub fn compare(
     baselines: &BTreeMap<String, u64>,
 ) -> Result<usize, String> {
     let mut by_mailbox: BTreeMap<&str, Vec<&StreamEntry>> = BTreeMap::new();
-    for e in entries {
+    // Lifecycle entries (`mailbox_attention`, `mailbox_removed`) say what happened to the
+    // mailbox, not to its mail: the ledger has no counterpart. `lifecycle_entries` lists them.
+    for e in entries.iter().filter(|e| !is_lifecycle(e)) {
         let mailbox = e.get("mailbox").map(String::as_str).unwrap_or("");
         by_mailbox.entry(mailbox).or_default().push(e);
     }

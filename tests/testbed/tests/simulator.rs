@@ -6,8 +6,8 @@ use gmail_sync_testbed::gmail::fixtures::{
     SERVICE_ACCOUNT_PRIVATE_KEY_PEM, SERVICE_ACCOUNT_PUBLIC_KEY_PEM, sign_delegation_jwt,
 };
 use gmail_sync_testbed::gmail::{
-    ChangeKind, Endpoint, FaultAction, FaultRule, GmailSim, LedgerEntry, NotificationOutcome,
-    QuotaConfig, QuotaErrorStyle, SimConfig,
+    CallEntry, ChangeKind, Endpoint, FaultAction, FaultRule, GmailSim, Ledger, LedgerEntry,
+    NotificationOutcome, QuotaConfig, QuotaErrorStyle, SimConfig,
 };
 use gmail_sync_testbed::pubsub;
 use reqwest::header::HeaderMap;
@@ -1539,7 +1539,15 @@ async fn control_api() {
 async fn standalone_binary_serves() {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gmail-sim"))
-        .args(["--static-token", "t", "--mailbox", "x@example.com=42"])
+        .args([
+            "--static-token",
+            "t",
+            "--mailbox",
+            "x@example.com=42",
+            "--watch-processing-ms",
+            "250",
+            "--watch-lifetime-secs=3600",
+        ])
         .env_remove("PUBSUB_EMULATOR_HOST")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -1575,6 +1583,555 @@ async fn standalone_binary_serves() {
         .await
         .unwrap();
     assert_eq!(h["history"].as_array().unwrap().len(), 1);
+    let knob: Value = c
+        .post(format!("{base}/_sim/watch"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(knob["processingMs"], 250);
+    let w: Value = c
+        .post(format!("{base}/gmail/v1/users/x@example.com/watch"))
+        .bearer_auth("t")
+        .json(&json!({"topicName": T1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let exp: u64 = w["expiration"].as_str().unwrap().parse().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        exp > now_ms + 3_500_000 && exp <= now_ms + 3_600_000,
+        "{exp}"
+    );
     child.start_kill().unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+}
+
+// ---- users.watch / users.stop: one push client per mailbox ----
+
+const T1: &str = "projects/p/topics/t1";
+const T2: &str = "projects/p/topics/t2";
+const CONFLICT: &str =
+    "Only one user push notification client allowed per developer (call /stop then try again)";
+
+async fn watch_on(sim: &GmailSim, email: &str, topic: &str) -> Resp {
+    post(
+        sim,
+        TOKEN,
+        &users(email, "watch"),
+        json!({"topicName": topic}),
+    )
+    .await
+}
+
+fn expiration_of(r: &Resp) -> u64 {
+    r.body["expiration"].as_str().unwrap().parse().unwrap()
+}
+
+fn assert_conflict(r: &Resp) {
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], 400);
+    assert_eq!(r.body["error"]["message"], CONFLICT);
+    assert_eq!(r.body["error"]["status"], "FAILED_PRECONDITION");
+    assert_eq!(r.body["error"]["errors"][0]["reason"], "failedPrecondition");
+    assert_eq!(r.body["error"]["errors"][0]["domain"], "global");
+    assert_eq!(r.body["error"]["errors"][0]["message"], CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_watch_for_one_mailbox_is_refused() {
+    let sim = GmailSim::start(SimConfig {
+        watch_processing: Duration::from_millis(1000),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    sim.add_mailbox(A);
+    sim.add_mailbox(B);
+    let first = {
+        let sim = sim.clone();
+        tokio::spawn(async move { watch_on(&sim, A, T1).await })
+    };
+    wait_until("first watch in processing", Duration::from_secs(10), || {
+        sim.watch_in_progress(A)
+    })
+    .await;
+    // A racing watch of the same mailbox (same topic, as a second replica would send it).
+    let second = watch_on(&sim, A, T1).await;
+    assert_conflict(&second);
+    // The state is per mailbox: another mailbox is watched meanwhile.
+    let other = watch_on(&sim, B, T1).await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(!sim.watch_in_progress(A));
+    assert_eq!(sim.watch_topic(A).as_deref(), Some(T1));
+    assert_eq!(sim.watch_expiration(A), Some(expiration_of(&first)));
+
+    let ledger = sim.ledger();
+    let calls = ledger.watch_calls_for(A);
+    let got: Vec<(u16, Option<&str>, u64, bool)> = calls
+        .iter()
+        .map(|c| (c.status, c.error_reason.as_deref(), c.cost, c.faulted))
+        .collect();
+    // Completion order: the refused call answers first. Both passed the quota check: charged.
+    assert_eq!(
+        got,
+        [
+            (400, Some("failedPrecondition"), 100, false),
+            (200, None, 100, false)
+        ]
+    );
+    let overlaps = ledger.overlapping_calls(Endpoint::Watch);
+    assert_eq!(overlaps.len(), 1, "{overlaps:?}");
+    let (m, earlier, later) = &overlaps[0];
+    assert_eq!(m, A);
+    assert_eq!((earlier.status, later.status), (200, 400));
+    assert!(later.started < earlier.ended);
+    assert_eq!(ledger.calls_by_mailbox(Endpoint::Watch)[B].len(), 1);
+
+    // Sequential renewals after it are fine.
+    assert_eq!(watch_on(&sim, A, T1).await.status, 200);
+
+    // A request refused by validation never enters processing.
+    let bad = post(&sim, TOKEN, &users(A, "watch"), json!({"topicName": "x"})).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body["error"]["errors"][0]["reason"], "invalidArgument");
+    assert!(!sim.watch_in_progress(A));
+
+    // A client that gives up during processing clears the state; its watch registers nothing.
+    sim.set_watch_processing(Duration::from_secs(5));
+    let before = sim.watch_expiration(A);
+    let err = http()
+        .post(format!("{}{}", sim.base_url(), users(A, "watch")))
+        .bearer_auth(TOKEN)
+        .json(&json!({"topicName": T1}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .expect_err("processing outlasts the client");
+    assert!(err.is_timeout());
+    wait_until("cancelled watch released", Duration::from_secs(10), || {
+        !sim.watch_in_progress(A)
+    })
+    .await;
+    assert_eq!(sim.watch_expiration(A), before);
+    wait_until("cancelled call recorded", Duration::from_secs(10), || {
+        sim.ledger()
+            .watch_calls_for(A)
+            .iter()
+            .any(|c| c.status == 499)
+    })
+    .await;
+    sim.set_watch_processing(Duration::ZERO);
+    assert_eq!(watch_on(&sim, A, T1).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_topic_rules_renewal_and_stop() {
+    let sim = GmailSim::start(SimConfig {
+        notify_min_interval: Duration::from_millis(10),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let h0 = sim.add_mailbox(A);
+    assert_eq!(sim.watch_expiration(A), None);
+    let w1 = watch_on(&sim, A, T1).await;
+    assert_eq!(w1.status, 200, "{}", w1.body);
+    let exp1 = expiration_of(&w1);
+    assert_eq!(sim.watch_expiration(A), Some(exp1));
+    wait_until("first watch notification", Duration::from_secs(10), || {
+        sim.ledger().notifications_for(A).len() == 1
+    })
+    .await;
+
+    // Another topic while the watch is active: refused, the watch is untouched.
+    let other = watch_on(&sim, A, T2).await;
+    assert_conflict(&other);
+    assert_eq!(sim.watch_topic(A).as_deref(), Some(T1));
+    assert_eq!(sim.watch_expiration(A), Some(exp1));
+
+    // Same topic: a renewal with a later expiration and the immediate notification.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let w2 = watch_on(&sim, A, T1).await;
+    assert_eq!(w2.status, 200, "{}", w2.body);
+    assert_eq!(w2.body["historyId"], json!(h0.to_string()));
+    let exp2 = expiration_of(&w2);
+    assert!(exp2 > exp1, "{exp2} > {exp1}");
+    assert_eq!(sim.watch_expiration(A), Some(exp2));
+    wait_until("renewal notification", Duration::from_secs(10), || {
+        sim.ledger().notifications_for(A).len() == 2
+    })
+    .await;
+    let notes = sim.ledger();
+    let notes = notes.notifications_for(A);
+    assert!(notes.iter().all(|n| n.topic == T1 && n.history_id == h0));
+
+    // Without watch processing time, concurrent same-topic watches serialize: all succeed.
+    let mut racing = Vec::new();
+    for _ in 0..4 {
+        let sim = sim.clone();
+        racing.push(tokio::spawn(async move { watch_on(&sim, A, T1).await }));
+    }
+    for r in racing {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+
+    // stop, then any topic works.
+    assert_eq!(
+        post(&sim, TOKEN, &users(A, "stop"), Value::Null)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(sim.watch_expiration(A), None);
+    assert_eq!(sim.watch_topic(A), None);
+    let w3 = watch_on(&sim, A, T2).await;
+    assert_eq!(w3.status, 200, "{}", w3.body);
+    assert_eq!(sim.watch_topic(A).as_deref(), Some(T2));
+    assert_eq!(sim.watch_expiration(A), Some(expiration_of(&w3)));
+    let reasons: Vec<Option<String>> = sim
+        .ledger()
+        .watch_calls_for(A)
+        .iter()
+        .map(|c| c.error_reason.clone())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| r.is_some()).count(),
+        1,
+        "{reasons:?}"
+    );
+
+    // An expired watch no longer holds its topic.
+    let short = GmailSim::start(SimConfig {
+        watch_lifetime: Duration::from_millis(100),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    short.add_mailbox(A);
+    assert_eq!(watch_on(&short, A, T1).await.status, 200);
+    assert_conflict(&watch_on(&short, A, T2).await);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(watch_on(&short, A, T2).await.status, 200);
+    assert_eq!(short.watch_topic(A).as_deref(), Some(T2));
+}
+
+fn call_at(endpoint: Endpoint, mailbox: Option<&str>, from_ms: u64, to_ms: u64) -> LedgerEntry {
+    let t = |ms| std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms);
+    LedgerEntry::Call(CallEntry {
+        endpoint,
+        mailbox: mailbox.map(str::to_string),
+        bearer: None,
+        cost: 0,
+        status: 200,
+        error_reason: None,
+        faulted: false,
+        started: t(from_ms),
+        ended: t(to_ms),
+    })
+}
+
+#[test]
+fn overlapping_calls_from_intervals() {
+    let ledger = Ledger {
+        entries: vec![
+            call_at(Endpoint::Watch, Some(A), 0, 10),
+            call_at(Endpoint::Watch, Some(A), 10, 20), // touches the first: no overlap
+            call_at(Endpoint::Watch, Some(B), 0, 100),
+            call_at(Endpoint::Watch, Some(B), 50, 60),
+            call_at(Endpoint::Watch, Some(B), 55, 200),
+            call_at(Endpoint::Watch, None, 0, 1000), // no mailbox: ignored
+            call_at(Endpoint::Stop, Some(A), 5, 15), // another endpoint
+        ],
+    };
+    let got: Vec<(String, u64, u64)> = ledger
+        .overlapping_calls(Endpoint::Watch)
+        .into_iter()
+        .map(|(m, a, b)| {
+            let ms = |c: &CallEntry| {
+                c.started
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64
+                    - 1_700_000_000_000
+            };
+            (m, ms(&a), ms(&b))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (B.to_string(), 0, 50),
+            (B.to_string(), 0, 55),
+            (B.to_string(), 50, 55)
+        ]
+    );
+    assert!(ledger.overlapping_calls(Endpoint::Stop).is_empty());
+    assert!(ledger.overlapping_calls(Endpoint::GetProfile).is_empty());
+    assert_eq!(ledger.watch_calls_for(A).len(), 2);
+    let by = ledger.calls_by_mailbox(Endpoint::Watch);
+    assert_eq!(
+        by.iter()
+            .map(|(m, c)| (m.as_str(), c.len()))
+            .collect::<Vec<_>>(),
+        [(A, 2), (B, 3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_calls_seen_on_the_wire() {
+    let sim = sim().await;
+    sim.add_mailbox(A);
+    sim.add_mailbox(B);
+    for _ in 0..3 {
+        assert_eq!(watch_on(&sim, A, T1).await.status, 200);
+        assert_eq!(
+            get(&sim, TOKEN, &users(A, "profile"), &[]).await.status,
+            200
+        );
+    }
+    assert!(sim.ledger().overlapping_calls(Endpoint::Watch).is_empty());
+    assert!(
+        sim.ledger()
+            .overlapping_calls(Endpoint::GetProfile)
+            .is_empty()
+    );
+    // Two slow calls of A at once (and one of B at the same time, another mailbox).
+    sim.inject(
+        FaultRule::new(
+            Some(Endpoint::GetProfile),
+            FaultAction::latency(Duration::from_millis(500)),
+        )
+        .times(3),
+    );
+    let mut calls = Vec::new();
+    for m in [A, A, B] {
+        let sim = sim.clone();
+        calls.push(tokio::spawn(async move {
+            get(&sim, TOKEN, &users(m, "profile"), &[]).await.status
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let overlaps = sim.ledger().overlapping_calls(Endpoint::GetProfile);
+    assert_eq!(overlaps.len(), 1, "{overlaps:?}");
+    assert_eq!(overlaps[0].0, A);
+    assert!(overlaps[0].1.faulted && overlaps[0].2.faulted);
+    assert!(sim.ledger().overlapping_calls(Endpoint::Watch).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_watch_and_stop_failures_per_mailbox() {
+    let sim = sim().await;
+    sim.add_mailbox(A);
+    sim.add_mailbox(B);
+    assert_eq!(watch_on(&sim, A, T1).await.status, 200);
+    assert_eq!(watch_on(&sim, B, T1).await.status, 200);
+
+    // users.stop for a mailbox whose grant is gone: 401, then 403; the watch stays.
+    let f =
+        sim.inject(FaultRule::new(Some(Endpoint::Stop), FaultAction::ExpiredToken).for_mailbox(A));
+    for _ in 0..2 {
+        let r = post(&sim, TOKEN, &users(A, "stop"), Value::Null).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.body["error"]["errors"][0]["reason"], "authError");
+    }
+    assert!(sim.remove_fault(f));
+    sim.inject(
+        FaultRule::new(
+            Some(Endpoint::Stop),
+            FaultAction::forbidden("insufficientPermissions"),
+        )
+        .for_mailbox(A)
+        .times(1),
+    );
+    let r = post(&sim, TOKEN, &users(A, "stop"), Value::Null).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.body["error"]["errors"][0]["reason"],
+        "insufficientPermissions"
+    );
+    assert_eq!(sim.watch_topic(A).as_deref(), Some(T1));
+    // Other mailboxes are unaffected.
+    assert_eq!(
+        post(&sim, TOKEN, &users(B, "stop"), Value::Null)
+            .await
+            .status,
+        204
+    );
+
+    // users.watch refused for good for one mailbox: Gmail no longer enabled.
+    sim.inject(
+        FaultRule::new(
+            Some(Endpoint::Watch),
+            FaultAction::mail_service_not_enabled(),
+        )
+        .for_mailbox(A),
+    );
+    for _ in 0..2 {
+        let r = watch_on(&sim, A, T1).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.body["error"]["message"], "Mail service not enabled");
+        assert_eq!(r.body["error"]["status"], "FAILED_PRECONDITION");
+        assert_eq!(r.body["error"]["errors"][0]["reason"], "failedPrecondition");
+    }
+    // Same body as a mailbox the simulator does not know.
+    let unknown = watch_on(&sim, "nobody@example.com", T1).await;
+    assert_eq!(unknown.body, watch_on(&sim, A, T1).await.body);
+    assert_eq!(watch_on(&sim, B, T1).await.status, 200);
+    sim.clear_faults();
+
+    // 403 domainPolicy (the domain disabled Gmail API access).
+    sim.inject(
+        FaultRule::new(
+            Some(Endpoint::Watch),
+            FaultAction::forbidden("domainPolicy"),
+        )
+        .for_mailbox(A),
+    );
+    let r = watch_on(&sim, A, T1).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body["error"]["errors"][0]["reason"], "domainPolicy");
+    assert_eq!(r.body["error"]["status"], "PERMISSION_DENIED");
+    sim.clear_faults();
+
+    // A scripted conflict without timing.
+    sim.inject(
+        FaultRule::new(Some(Endpoint::Watch), FaultAction::watch_conflict())
+            .for_mailbox(A)
+            .times(1),
+    );
+    assert_conflict(&watch_on(&sim, A, T1).await);
+    assert!(!sim.watch_in_progress(A));
+    assert_eq!(watch_on(&sim, A, T1).await.status, 200);
+
+    // Injected refusals are recorded as faulted and uncharged.
+    let ledger = sim.ledger();
+    let refused: Vec<_> = ledger
+        .calls_for(A)
+        .into_iter()
+        .filter(|c| c.faulted)
+        .collect();
+    assert_eq!(refused.len(), 2 + 1 + 3 + 1 + 1);
+    assert!(refused.iter().all(|c| c.cost == 0 && c.status >= 400));
+    let reasons: Vec<&str> = refused
+        .iter()
+        .filter_map(|c| c.error_reason.as_deref())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "authError",
+            "authError",
+            "insufficientPermissions",
+            "failedPrecondition",
+            "failedPrecondition",
+            "failedPrecondition",
+            "domainPolicy",
+            "failedPrecondition"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_knobs_over_the_control_api() {
+    let sim = sim().await;
+    sim.add_mailbox(A);
+    let c = http();
+    let url = |p: &str| format!("{}/_sim{}", sim.base_url(), p);
+    let set: Value = c
+        .post(url("/watch"))
+        .json(&json!({"processingMs": 1500}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(set["processingMs"], 1500);
+    let mailbox = |c: reqwest::Client| {
+        let u = url(&format!("/mailboxes/{A}"));
+        async move {
+            c.get(u)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let before = mailbox(c.clone()).await;
+    assert_eq!(before["watchInProgress"], false);
+    assert_eq!(before["watchExpiration"], Value::Null);
+    let first = {
+        let sim = sim.clone();
+        tokio::spawn(async move { watch_on(&sim, A, T1).await })
+    };
+    wait_until("watch in processing", Duration::from_secs(10), || {
+        sim.watch_in_progress(A)
+    })
+    .await;
+    assert_eq!(mailbox(c.clone()).await["watchInProgress"], true);
+    assert_conflict(&watch_on(&sim, A, T1).await);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200);
+    let after = mailbox(c.clone()).await;
+    assert_eq!(after["watchInProgress"], false);
+    assert_eq!(after["watchExpiration"], first.body["expiration"]);
+    assert_eq!(after["watchTopic"], T1);
+    let list: Value = c
+        .get(url("/mailboxes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["watchExpiration"], first.body["expiration"]);
+    // An empty body reads the knob; 0 makes watch atomic again.
+    let read: Value = c
+        .post(url("/watch"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["processingMs"], 1500);
+    c.post(url("/watch"))
+        .json(&json!({"processingMs": 0}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    // Fault rules for the new constructors round-trip through JSON.
+    let rule = FaultRule::new(
+        Some(Endpoint::Watch),
+        FaultAction::mail_service_not_enabled(),
+    )
+    .for_mailbox(A)
+    .times(1);
+    c.post(url("/faults"))
+        .json(&rule)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    assert_eq!(sim.faults()[0].1, rule);
+    assert_eq!(watch_on(&sim, A, T1).await.status, 400);
+    assert_eq!(watch_on(&sim, A, T1).await.status, 200);
 }

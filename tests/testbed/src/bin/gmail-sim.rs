@@ -30,6 +30,9 @@ OPTIONS:
   --token-lifetime-secs N       access token lifetime (default 3600)
   --retention-secs N            drop history older than N seconds (default: keep)
   --project P                   watch accepts only projects/P/topics/*
+  --watch-processing-ms N       hold each users.watch in processing for N ms; a watch for the
+                                same mailbox meanwhile answers 400 (default 0: atomic)
+  --watch-lifetime-secs N       how long a watch lasts (default 604800, 7 days)
   --seed N                      RNG seed (default fixed)
   -h, --help                    this help
 
@@ -117,6 +120,10 @@ fn parse_args() -> anyhow::Result<(SimConfig, StartMailboxes)> {
                 cfg.history_retention = Some(Duration::from_secs(val()?.parse()?))
             }
             "--project" => cfg.project = Some(val()?),
+            "--watch-processing-ms" => {
+                cfg.watch_processing = Duration::from_millis(val()?.parse()?)
+            }
+            "--watch-lifetime-secs" => cfg.watch_lifetime = Duration::from_secs(val()?.parse()?),
             "--seed" => cfg.seed = val()?.parse()?,
             other => anyhow::bail!("unknown argument {other:?} (see --help)"),
         }

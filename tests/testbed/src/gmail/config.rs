@@ -57,6 +57,12 @@ pub struct SimConfig {
     pub notify_min_interval: Duration,
     /// How long a watch lasts (Gmail: 7 days); after it, no notifications.
     pub watch_lifetime: Duration,
+    /// How long a `users.watch` call stays "in processing" for its mailbox after its request
+    /// was validated (0 = the default: validation, conflict check and registration are one atomic
+    /// step). While a watch is in processing, another `watch` for the same mailbox is answered 400
+    /// "Only one user push notification client allowed per developer" (what Gmail does to
+    /// racing watch calls). Changeable at runtime ([`super::GmailSim::set_watch_processing`]).
+    pub watch_processing: Duration,
     /// If set, `watch` only accepts topics of this project (Gmail requires the caller's project).
     pub project: Option<String>,
     pub quota: QuotaConfig,
@@ -94,6 +100,7 @@ impl Default for SimConfig {
             notify_delay: None,
             notify_min_interval: Duration::from_secs(1),
             watch_lifetime: Duration::from_secs(7 * 24 * 3600),
+            watch_processing: Duration::ZERO,
             project: None,
             quota: QuotaConfig::default(),
             quota_error_style: QuotaErrorStyle::default(),

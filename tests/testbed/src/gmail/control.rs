@@ -4,8 +4,8 @@
 //! | Method & path | Body → answer |
 //! |---|---|
 //! | `POST /_sim/mailboxes` | `{"email", "historyId"?}` → `{"email","historyId"}` |
-//! | `GET /_sim/mailboxes` | → `[{"email","historyId","messagesTotal","watchTopic"}]` |
-//! | `GET /_sim/mailboxes/{email}` | → `{"email","historyId","horizon","messages":{id:[labels]},"watchTopic"}` |
+//! | `GET /_sim/mailboxes` | → `[{"email","historyId","messagesTotal","watchTopic","watchExpiration","watchInProgress"}]` |
+//! | `GET /_sim/mailboxes/{email}` | → `{"email","historyId","horizon","messages":{id:[labels]},"watchTopic","watchExpiration","watchInProgress"}` |
 //! | `POST /_sim/mailboxes/{email}/deliver` | `{"labelIds":[..],"threadId"?}` → `{"id","threadId","historyId"}` |
 //! | `POST /_sim/mailboxes/{email}/messages/{id}/delete` | → `{"historyId"}` |
 //! | `POST /_sim/mailboxes/{email}/messages/{id}/modify` | `{"addLabelIds":[..],"removeLabelIds":[..]}` → `{"historyIds":[..]}` |
@@ -16,6 +16,7 @@
 //! | `GET/POST/DELETE /_sim/faults`, `DELETE /_sim/faults/{id}` | `FaultRule` JSON → `{"id"}` |
 //! | `POST /_sim/quota` | `{"perUserPerMinute"?,"perProjectPerMinute"?,"maxConcurrentPerUser"?,"style"?: "tooManyRequests"\|"forbidden"}` |
 //! | `POST /_sim/notify` | `{"dropProbability"?,"delayMs"?:[lo,hi],"historyIdAsNumber"?}` |
+//! | `POST /_sim/watch` | `{"processingMs"?}` (`SimConfig::watch_processing`) → `{"processingMs"}` |
 //! | `POST /_sim/tokens/refresh` | `{"token","email"}`; `POST /_sim/tokens/refresh/revoke` `{"token"}` |
 //! | `POST /_sim/tokens/static` | `{"token"}`; `POST /_sim/tokens/expire` `{"email"?}` |
 //! | `GET /_sim/stats` | → counters |
@@ -24,6 +25,8 @@
 //! "watch"|"stop"|"token", "mailbox"?: "a@b", "remaining"?: n, "action": A}` with `A` one of
 //! `{"kind":"status","status":503,"reason"?,"message"?,"domain"?,"retryAfter"?}`,
 //! `{"kind":"latency","millis":200}`, `{"kind":"hang"}`, `{"kind":"expiredToken"}`.
+//! `watchExpiration` is the epoch-ms string the last successful watch answered (null without a
+//! watch); `watchInProgress` whether a watch call of the mailbox is being processed.
 
 use super::Inner;
 use super::config::{QuotaConfig, QuotaErrorStyle};
@@ -65,6 +68,7 @@ pub(crate) fn routes() -> Router<Arc<Inner>> {
         .route("/_sim/faults/{id}", delete(remove_fault))
         .route("/_sim/quota", post(set_quota))
         .route("/_sim/notify", post(set_notify))
+        .route("/_sim/watch", post(set_watch))
         .route("/_sim/tokens/refresh", post(add_refresh))
         .route("/_sim/tokens/refresh/revoke", post(revoke_refresh))
         .route("/_sim/tokens/static", post(add_static))
@@ -132,6 +136,8 @@ async fn list_mailboxes(State(inner): S) -> R {
                 "historyId": m.history_id.to_string(),
                 "messagesTotal": m.messages.len(),
                 "watchTopic": m.watch.as_ref().map(|w| w.topic.clone()),
+                "watchExpiration": m.watch.as_ref().map(|w| w.expiration_ms.to_string()),
+                "watchInProgress": m.watch_claim.is_some(),
             })
         })
         .collect();
@@ -153,6 +159,8 @@ async fn get_mailbox(State(inner): S, Path(email): Path<String>) -> R {
         "horizon": m.horizon.to_string(),
         "messages": messages,
         "watchTopic": m.watch.as_ref().map(|w| w.topic.clone()),
+        "watchExpiration": m.watch.as_ref().map(|w| w.expiration_ms.to_string()),
+        "watchInProgress": m.watch_claim.is_some(),
     })))
 }
 
@@ -310,6 +318,23 @@ async fn set_notify(State(inner): S, Json(b): Json<NotifyBody>) -> R {
         k.history_id_as_number = n;
     }
     Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct WatchBody {
+    processing_ms: Option<u64>,
+}
+
+async fn set_watch(State(inner): S, body: Option<Json<WatchBody>>) -> R {
+    let b = body.map(|Json(b)| b).unwrap_or_default();
+    let mut k = inner.knobs.lock().expect("knobs");
+    if let Some(ms) = b.processing_ms {
+        k.watch_processing = Duration::from_millis(ms);
+    }
+    Ok(Json(
+        json!({"processingMs": k.watch_processing.as_millis() as u64}),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -5,6 +5,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::time::{Duration, SystemTime};
 
+/// The message Gmail answers to a second push client for one mailbox.
+pub const WATCH_CONFLICT_MESSAGE: &str =
+    "Only one user push notification client allowed per developer (call /stop then try again)";
+
+/// The message of the 400 `failedPrecondition` for an account without Gmail.
+pub const MAIL_SERVICE_NOT_ENABLED_MESSAGE: &str = "Mail service not enabled";
+
 /// A Gmail API error: `{"error":{"code","message","errors":[{"message","domain","reason"}],"status"}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -96,9 +103,19 @@ impl ApiError {
             400,
             "global",
             "failedPrecondition",
-            "Mail service not enabled",
+            MAIL_SERVICE_NOT_ENABLED_MESSAGE,
         )
         .with_status("FAILED_PRECONDITION")
+    }
+
+    /// 400 `failedPrecondition` "Only one user push notification client allowed per developer
+    /// (call /stop then try again)": a `watch` racing another `watch` of the mailbox, or naming
+    /// another topic than the mailbox's active watch. (The message and the 400 are field
+    /// reports; the reason `failedPrecondition` / status `FAILED_PRECONDITION` is our best
+    /// guess, not verified.)
+    pub fn watch_conflict() -> Self {
+        ApiError::new(400, "global", "failedPrecondition", WATCH_CONFLICT_MESSAGE)
+            .with_status("FAILED_PRECONDITION")
     }
 
     /// 429 "Too many concurrent requests for user".

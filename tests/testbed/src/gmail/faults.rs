@@ -1,6 +1,8 @@
 //! Fault injection: rules matched per endpoint and mailbox, consumed in order.
 
-use super::errors::{ApiError, default_reason};
+use super::errors::{
+    ApiError, MAIL_SERVICE_NOT_ENABLED_MESSAGE, WATCH_CONFLICT_MESSAGE, default_reason,
+};
 use super::ledger::Endpoint;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -82,6 +84,32 @@ impl FaultAction {
         }
     }
 
+    /// 400 `failedPrecondition` "Mail service not enabled" (status `FAILED_PRECONDITION`): the
+    /// account has no Gmail (any more). Permanent; what an unknown mailbox answers too.
+    pub fn mail_service_not_enabled() -> Self {
+        FaultAction::Status {
+            status: 400,
+            reason: Some("failedPrecondition".into()),
+            message: Some(MAIL_SERVICE_NOT_ENABLED_MESSAGE.into()),
+            domain: Some("global".into()),
+            retry_after: None,
+        }
+    }
+
+    /// 400 `failedPrecondition` "Only one user push notification client allowed per developer
+    /// (call /stop then try again)", the answer the simulator itself gives to a racing or
+    /// other-topic `watch` (see [`super::SimConfig::watch_processing`]); injectable on its own
+    /// to script a conflict without timing.
+    pub fn watch_conflict() -> Self {
+        FaultAction::Status {
+            status: 400,
+            reason: Some("failedPrecondition".into()),
+            message: Some(WATCH_CONFLICT_MESSAGE.into()),
+            domain: Some("global".into()),
+            retry_after: None,
+        }
+    }
+
     pub fn latency(d: Duration) -> Self {
         FaultAction::Latency {
             millis: d.as_millis() as u64,
@@ -113,7 +141,13 @@ impl FaultAction {
                     return Some(e);
                 }
                 let message = message.clone().unwrap_or_else(|| m.to_string());
-                Some(ApiError::new(*status, domain, reason, message).with_retry_after(*retry_after))
+                let mut e =
+                    ApiError::new(*status, domain, reason, message).with_retry_after(*retry_after);
+                if reason == "failedPrecondition" {
+                    // Google's canonical status for this reason, whatever the HTTP code.
+                    e = e.with_status("FAILED_PRECONDITION");
+                }
+                Some(e)
             }
             FaultAction::ExpiredToken => Some(ApiError::invalid_credentials()),
             FaultAction::Latency { .. } | FaultAction::Hang => None,

@@ -3,6 +3,7 @@
 //! product's fault suite) compare the product's output with it.
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 /// The kind of a mailbox change. Every kind except [`ChangeKind::Invisible`] produces exactly one
@@ -228,6 +229,52 @@ impl Ledger {
             .into_iter()
             .filter(|c| c.endpoint == endpoint)
             .collect()
+    }
+
+    /// The calls to one endpoint addressed to one mailbox, in the order they completed.
+    pub fn calls_to_for(&self, endpoint: Endpoint, email: &str) -> Vec<&CallEntry> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.endpoint == endpoint && c.mailbox.as_deref() == Some(email))
+            .collect()
+    }
+
+    /// The `users.watch` calls of one mailbox (every answer: 200, 400 conflicts, faults, 499).
+    pub fn watch_calls_for(&self, email: &str) -> Vec<&CallEntry> {
+        self.calls_to_for(Endpoint::Watch, email)
+    }
+
+    /// The calls to one endpoint grouped by mailbox (calls without a resolved mailbox left out),
+    /// each group in completion order. E.g. `calls_by_mailbox(Endpoint::Watch)` = the watch
+    /// calls per mailbox.
+    pub fn calls_by_mailbox(&self, endpoint: Endpoint) -> BTreeMap<String, Vec<&CallEntry>> {
+        let mut out: BTreeMap<String, Vec<&CallEntry>> = BTreeMap::new();
+        for c in self.calls_to(endpoint) {
+            if let Some(m) = &c.mailbox {
+                out.entry(m.clone()).or_default().push(c);
+            }
+        }
+        out
+    }
+
+    /// Pairs of calls to `endpoint` for the same mailbox that were in flight at the same time:
+    /// `(mailbox, earlier-started, later-started)` with `later.started < earlier.ended`
+    /// (intervals that only touch do not overlap). Every answered call counts, refused ones
+    /// too (they were in flight). Sorted by mailbox, then by the first call's start.
+    pub fn overlapping_calls(&self, endpoint: Endpoint) -> Vec<(String, CallEntry, CallEntry)> {
+        let mut out = Vec::new();
+        for (mailbox, mut calls) in self.calls_by_mailbox(endpoint) {
+            calls.sort_by_key(|c| c.started);
+            for (i, a) in calls.iter().enumerate() {
+                for b in &calls[i + 1..] {
+                    if b.started >= a.ended {
+                        break; // sorted by start: no later call overlaps `a` either
+                    }
+                    out.push((mailbox.clone(), (*a).clone(), (*b).clone()));
+                }
+            }
+        }
+        out
     }
 
     /// All notifications (published, dropped, failed), in order.

@@ -66,6 +66,8 @@ pub(crate) struct Watch {
     /// Increases with every watch/stop so stale scheduled notifications are recognised.
     pub generation: u64,
     pub expires: Instant,
+    /// `expires` as epoch ms: the `expiration` the watch call answered.
+    pub expiration_ms: u64,
     /// When the last notification was sent (folding window start).
     pub last_sent: Option<Instant>,
     /// A notification is scheduled and not yet sent: further changes fold into it.
@@ -126,6 +128,8 @@ pub(crate) struct Mailbox {
     /// Live message count per thread.
     pub threads: HashMap<String, usize>,
     pub watch: Option<Watch>,
+    /// The `watch` call currently in processing for this mailbox (its claim id), if any.
+    pub watch_claim: Option<u64>,
     /// Per-mailbox override of the time-based retention.
     pub retention: Option<Duration>,
 }
@@ -140,6 +144,7 @@ impl Mailbox {
             messages: BTreeMap::new(),
             threads: HashMap::new(),
             watch: None,
+            watch_claim: None,
             retention: None,
         }
     }

@@ -30,6 +30,22 @@
 //!   interval is over, carrying the historyId current at send time. A successful watch sends
 //!   one notification (subject to the same interval). Label-filtered watches notify for changes
 //!   whose message carried a watched label before or after the change (exclude: none).
+//! - Watch: one push client per mailbox (per developer project: the simulator is one project).
+//!   A `watch` is answered 400 `failedPrecondition` (status `FAILED_PRECONDITION`) "Only one
+//!   user push notification client allowed per developer (call /stop then try again)" when
+//!   (a) another `watch` of the same mailbox is still in processing, or (b) the mailbox has an
+//!   unexpired watch on another topic. A `watch` on the same topic renews it (new expiration,
+//!   new label filter, the immediate notification); after `stop` (or once the watch expired) any
+//!   topic is accepted. The request is validated (400 `invalidArgument`) before these checks.
+//!   (a) needs `watch_processing` > 0: the watch then stays in processing that long after
+//!   validation, per mailbox; it ends when the call answers, fails, or its client goes away
+//!   (a cancelled watch registers nothing). With 0 (default) check and registration are atomic,
+//!   so concurrent same-topic watches all succeed one after another. `stop` is never refused
+//!   by the rule and does not wait: a `stop` during a watch's processing is overtaken by that
+//!   watch's registration. Latency/hang faults delay a call before processing starts (they do
+//!   not hold the in-processing state). Conflicts are handler answers: charged (100 units) and
+//!   recorded with `error_reason` `failedPrecondition`, `faulted` false. The reason is our guess
+//!   (field reports give only the 400 and the message).
 //! - Auth: `me` = the token's mailbox; an issued token used on another mailbox → 403
 //!   `forbidden` "Delegation denied for <token's mailbox>"; static tokens are valid for every
 //!   mailbox but cannot use `me` (400); missing token → 401 `required`; unknown, revoked or
@@ -37,7 +53,14 @@
 //!   "Mail service not enabled".
 //! - Pipeline order of every Gmail call: auth → mailbox → concurrency limit → injected fault →
 //!   quota → handler. Units are charged only when the quota check admits the call (so a 404 or
-//!   400 from the handler is charged; auth errors, faults and quota refusals are not).
+//!   400 from the handler, including a watch conflict, is charged; auth errors, faults and quota
+//!   refusals are not). Whether Gmail charges refused calls is not documented.
+//! - Ledger queries for schedulers: [`Ledger::watch_calls_for`], [`Ledger::calls_by_mailbox`],
+//!   [`Ledger::overlapping_calls`] (two calls to one endpoint for one mailbox in flight at once,
+//!   from `started`/`ended`); [`GmailSim::watch_expiration`], [`GmailSim::watch_topic`],
+//!   [`GmailSim::watch_in_progress`]. Permanent failures of one mailbox are fault rules
+//!   (e.g. [`FaultAction::mail_service_not_enabled`], `FaultAction::forbidden("domainPolicy")`,
+//!   `FaultAction::status(401)` on [`Endpoint::Stop`]).
 //! - Notification delay (`notify_delay`) is applied after the historyId is read, per
 //!   notification, so delayed notifications can arrive out of order (as in the field).
 //!
@@ -45,8 +68,11 @@
 //! `q` search, threads/labels/drafts endpoints, batch requests, message bodies (`full`/`raw`
 //! answer like `metadata`), scopes (any token may call any endpoint), the daily project quota,
 //! checking that the watch topic exists or grants publish to Gmail (a missing topic shows as a
-//! `Failed` notification in the ledger), push delivery via HTTPS push subscriptions, and the
-//! minutes-long delay before `stop` takes effect (it is immediate here).
+//! `Failed` notification in the ledger), push delivery via HTTPS push subscriptions, the
+//! minutes-long delay before `stop` takes effect (it is immediate here), several developer
+//! projects watching one mailbox (every caller is the same project here), the duplicate push
+//! subscriptions racing watches have produced in the field (here the racing call is refused
+//! instead), and watch processing time other than the fixed `watch_processing`.
 
 pub mod auth;
 pub mod config;
@@ -90,6 +116,7 @@ pub(crate) struct Knobs {
     pub drop_probability: f64,
     pub delay: Option<(Duration, Duration)>,
     pub quota_style: QuotaErrorStyle,
+    pub watch_processing: Duration,
 }
 
 pub(crate) struct Inner {
@@ -164,6 +191,7 @@ impl GmailSim {
                 drop_probability: cfg.notify_drop_probability,
                 delay: cfg.notify_delay,
                 quota_style: cfg.quota_error_style,
+                watch_processing: cfg.watch_processing,
             }),
             publishers: Publishers::new(cfg.pubsub_endpoint.clone()),
             notifications_sent: AtomicU64::new(0),
@@ -329,6 +357,27 @@ impl GmailSim {
             .state()
             .mailbox(email)
             .map(|m| m.watch.as_ref().map(|w| w.topic.clone())))
+    }
+
+    /// The `expiration` (epoch ms) of the mailbox's registered watch, as its last successful
+    /// `watch` answered it; `None` without a watch (never watched, or stopped). An expired watch
+    /// still shows (compare with the clock).
+    pub fn watch_expiration(&self, email: &str) -> Option<u64> {
+        ok(self
+            .state()
+            .mailbox(email)
+            .map(|m| m.watch.as_ref().map(|w| w.expiration_ms)))
+    }
+
+    /// Whether a `watch` call of the mailbox is in processing now (see
+    /// [`SimConfig::watch_processing`]); lets a test send the racing call at the right moment.
+    pub fn watch_in_progress(&self, email: &str) -> bool {
+        ok(self.state().mailbox(email).map(|m| m.watch_claim.is_some()))
+    }
+
+    /// Changes [`SimConfig::watch_processing`] (applies to watch calls that start afterwards).
+    pub fn set_watch_processing(&self, d: Duration) {
+        self.inner.knobs.lock().expect("knobs").watch_processing = d;
     }
 
     /// A snapshot of the ledger.

@@ -9,6 +9,7 @@ use super::faults::FaultAction;
 use super::ledger::{CallEntry, ChangeKind, Endpoint, LedgerEntry};
 use super::mailbox::{HistoryError, HistoryQuery};
 use super::quota::QuotaRefusal;
+use super::state::WatchRefusal;
 use super::wire::*;
 use axum::Router;
 use axum::body::Bytes;
@@ -487,6 +488,82 @@ struct WatchRequest {
     label_filter_action: Option<String>,
 }
 
+/// A validated `users.watch` request.
+struct WatchSpec {
+    topic: String,
+    label_ids: Vec<String>,
+    exclude: bool,
+}
+
+fn parse_watch(inner: &Inner, body: &[u8]) -> Result<WatchSpec, ApiError> {
+    let req: WatchRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        WatchRequest::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("Invalid JSON payload received. {e}")))?
+    };
+    let project = inner.cfg.project.clone();
+    let bad_topic = || {
+        ApiError::invalid(format!(
+            "Invalid topicName does not match projects/{}/topics/*",
+            project.as_deref().unwrap_or("SOME-PROJECT")
+        ))
+    };
+    let topic = req.topic_name.clone().ok_or_else(bad_topic)?;
+    let parts: Vec<&str> = topic.split('/').collect();
+    let ok = parts.len() == 4
+        && parts[0] == "projects"
+        && !parts[1].is_empty()
+        && parts[2] == "topics"
+        && !parts[3].is_empty()
+        && project.as_deref().is_none_or(|p| p == parts[1]);
+    if !ok {
+        return Err(bad_topic());
+    }
+    let behavior = req
+        .label_filter_behavior
+        .or(req.label_filter_action)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let exclude = match behavior.as_str() {
+        "" | "include" => false,
+        "exclude" => true,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "Invalid value at 'label_filter_behavior', \"{other}\""
+            )));
+        }
+    };
+    Ok(WatchSpec {
+        topic,
+        label_ids: req.label_ids,
+        exclude,
+    })
+}
+
+fn refusal(r: WatchRefusal) -> ApiError {
+    match r {
+        WatchRefusal::UnknownMailbox => ApiError::not_found(),
+        WatchRefusal::Conflict => ApiError::watch_conflict(),
+    }
+}
+
+/// A watch in processing for a mailbox; the claim is given back when dropped (the call
+/// finished, failed, or the client went away and the handler future was dropped).
+struct WatchClaim {
+    inner: Arc<Inner>,
+    email: String,
+    claim: u64,
+}
+
+impl Drop for WatchClaim {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.inner.state.lock() {
+            st.release_watch_claim(&self.email, self.claim);
+        }
+    }
+}
+
 async fn watch(
     State(inner): S,
     Path(user): Path<String>,
@@ -497,59 +574,57 @@ async fn watch(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let r = (|| {
-        let req: WatchRequest = if body.iter().all(u8::is_ascii_whitespace) {
-            WatchRequest::default()
-        } else {
-            serde_json::from_slice(&body)
-                .map_err(|e| ApiError::invalid(format!("Invalid JSON payload received. {e}")))?
-        };
-        let project = inner.cfg.project.clone();
-        let bad_topic = || {
-            ApiError::invalid(format!(
-                "Invalid topicName does not match projects/{}/topics/*",
-                project.as_deref().unwrap_or("SOME-PROJECT")
-            ))
-        };
-        let topic = req.topic_name.clone().ok_or_else(bad_topic)?;
-        let parts: Vec<&str> = topic.split('/').collect();
-        let ok = parts.len() == 4
-            && parts[0] == "projects"
-            && !parts[1].is_empty()
-            && parts[2] == "topics"
-            && !parts[3].is_empty()
-            && project.as_deref().is_none_or(|p| p == parts[1]);
-        if !ok {
-            return Err(bad_topic());
-        }
-        let behavior = req
-            .label_filter_behavior
-            .or(req.label_filter_action)
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let exclude = match behavior.as_str() {
-            "" | "include" => false,
-            "exclude" => true,
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "Invalid value at 'label_filter_behavior', \"{other}\""
-                )));
-            }
-        };
-        let lifetime = inner.cfg.watch_lifetime;
-        let hid = inner
+    let r = watch_inner(&inner, &email, &body).await;
+    call.finish(r)
+}
+
+async fn watch_inner(inner: &Arc<Inner>, email: &str, body: &[u8]) -> Result<Response, ApiError> {
+    let spec = parse_watch(inner, body)?;
+    let lifetime = inner.cfg.watch_lifetime;
+    let processing = inner.knobs.lock().expect("knobs").watch_processing;
+    let register = |st: &mut super::state::SimState| {
+        st.watch(
+            email,
+            &spec.topic,
+            spec.label_ids.clone(),
+            spec.exclude,
+            lifetime,
+        )
+        .map_err(|_| ApiError::not_found())
+    };
+    let (hid, expiration) = if processing.is_zero() {
+        // Check and registration in one critical section: concurrent watches serialize.
+        let mut st = inner.state.lock().expect("state");
+        st.check_watch(email, &spec.topic).map_err(refusal)?;
+        register(&mut st)?
+    } else {
+        let claim = inner
             .state
             .lock()
             .expect("state")
-            .watch(&email, &topic, req.label_ids, exclude, lifetime)
-            .map_err(|_| ApiError::not_found())?;
-        let expiration = super::mailbox::now_ms() + lifetime.as_millis() as u64;
-        Ok(json_ok(&WatchJson {
-            history_id: hid.to_string(),
-            expiration: expiration.to_string(),
-        }))
-    })();
-    call.finish(r)
+            .claim_watch(email, &spec.topic)
+            .map_err(refusal)?;
+        let _claim = WatchClaim {
+            inner: inner.clone(),
+            email: email.to_string(),
+            claim,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(processing) => {}
+            _ = inner.cancel.cancelled() => {
+                return Err(ApiError::new(503, "global", "backendError", "gmail-sim shutting down"));
+            }
+        }
+        let mut st = inner.state.lock().expect("state");
+        let r = register(&mut st)?;
+        // Released in the same critical section as the registration.
+        st.release_watch_claim(email, claim);
+        r
+    };
+    Ok(json_ok(&WatchJson {
+        history_id: hid.to_string(),
+        expiration: expiration.to_string(),
+    }))
 }
 
 async fn stop(State(inner): S, Path(user): Path<String>, headers: HeaderMap) -> Response {

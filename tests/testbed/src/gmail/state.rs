@@ -53,6 +53,15 @@ fn ser_u64_str<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 
+/// Why a `watch` was refused before it was registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WatchRefusal {
+    UnknownMailbox,
+    /// The one-push-client rule: another `watch` of the mailbox is in processing, or the
+    /// mailbox has an active (unexpired) watch on another topic.
+    Conflict,
+}
+
 /// A notification to send for `email` at `at` unless the watch changed (generation).
 #[derive(Debug, Clone)]
 pub(crate) struct NotifyJob {
@@ -69,6 +78,7 @@ pub(crate) struct SimState {
     pub ledger: Vec<LedgerEntry>,
     next_message_id: u64,
     watch_generation: u64,
+    next_watch_claim: u64,
     gap: (u64, u64),
     initial_history_id: Option<u64>,
     pub retention: Option<Duration>,
@@ -89,6 +99,7 @@ impl SimState {
             ledger: Vec::new(),
             next_message_id,
             watch_generation: 0,
+            next_watch_claim: 0,
             gap,
             initial_history_id: cfg.initial_history_id,
             retention: cfg.history_retention,
@@ -386,7 +397,47 @@ impl SimState {
             .history_id)
     }
 
+    /// The one-push-client rule for a `watch` on `topic`: refused while another `watch` of the
+    /// mailbox is in processing, or while the mailbox has an unexpired watch on another topic.
+    pub fn check_watch(&self, email: &str, topic: &str) -> Result<(), WatchRefusal> {
+        let mb = self
+            .mailboxes
+            .get(email)
+            .ok_or(WatchRefusal::UnknownMailbox)?;
+        let other_topic = mb
+            .watch
+            .as_ref()
+            .is_some_and(|w| w.topic != topic && Instant::now() < w.expires);
+        if mb.watch_claim.is_some() || other_topic {
+            return Err(WatchRefusal::Conflict);
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_watch`], then marks the mailbox's watch as in processing; returns the claim
+    /// (give it back with [`Self::release_watch_claim`]).
+    pub fn claim_watch(&mut self, email: &str, topic: &str) -> Result<u64, WatchRefusal> {
+        self.check_watch(email, topic)?;
+        self.next_watch_claim += 1;
+        let claim = self.next_watch_claim;
+        self.mailboxes
+            .get_mut(email)
+            .expect("mailbox checked")
+            .watch_claim = Some(claim);
+        Ok(claim)
+    }
+
+    /// Ends the processing of a watch (no-op unless `claim` is the mailbox's current claim).
+    pub fn release_watch_claim(&mut self, email: &str, claim: u64) {
+        if let Some(mb) = self.mailboxes.get_mut(email)
+            && mb.watch_claim == Some(claim)
+        {
+            mb.watch_claim = None;
+        }
+    }
+
     /// Registers (or renews) a watch; schedules the immediate notification Gmail sends.
+    /// Returns `(historyId, expiration epoch ms)`.
     pub fn watch(
         &mut self,
         email: &str,
@@ -394,7 +445,7 @@ impl SimState {
         label_ids: Vec<String>,
         exclude: bool,
         lifetime: Duration,
-    ) -> Result<u64, SimError> {
+    ) -> Result<(u64, u64), SimError> {
         self.watch_generation += 1;
         let generation = self.watch_generation;
         let min_interval = self.min_interval;
@@ -402,12 +453,14 @@ impl SimState {
         let mb = self.mailbox_mut(email)?;
         let last_sent = mb.watch.as_ref().and_then(|w| w.last_sent);
         let at = next_slot(last_sent, now, min_interval);
+        let expiration_ms = super::mailbox::now_ms().saturating_add(lifetime.as_millis() as u64);
         let w = Watch {
             topic: topic.to_string(),
             label_ids,
             exclude,
             generation,
             expires: now + lifetime,
+            expiration_ms,
             last_sent,
             // The watch's own notification (not subject to the label filter).
             scheduled: true,
@@ -419,7 +472,7 @@ impl SimState {
             generation,
             at,
         });
-        Ok(hid)
+        Ok((hid, expiration_ms))
     }
 
     pub fn stop(&mut self, email: &str) -> Result<(), SimError> {

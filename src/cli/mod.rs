@@ -1,8 +1,13 @@
 //! Command line: the worker and the admin subcommands (run them with `kubectl exec` or as a
 //! Job; there is no HTTP admin port). Configuration comes only from the environment.
+//!
+//! Exit codes (README, "Exit codes"): 0 ok; 1 failed (a mailbox command failed for at least
+//! one mailbox, a probe is unhealthy, the worker could not start); 2 usage or configuration;
+//! 3 the worker stopped because one of its tasks ended.
+
+mod mailbox;
 
 use crate::config::{Config, help_table};
-use crate::mailbox::Mailbox;
 use crate::telemetry::{Counters, LogTarget};
 use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
@@ -33,15 +38,7 @@ pub enum Command {
     CheckConfig,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum MailboxCommand {
-    /// Watch a mailbox (users.watch on GMAIL_SYNC_TOPIC) and store its baseline cursor. Idempotent.
-    Add {
-        /// Gmail addresses.
-        #[arg(required = true)]
-        emails: Vec<String>,
-    },
-}
+pub use mailbox::MailboxCommand;
 
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
@@ -83,37 +80,16 @@ pub async fn execute(cli: Cli) -> i32 {
             match crate::app::run(config, shutdown, Arc::new(Counters::default())).await {
                 Ok(()) => 0,
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "gmail-sync stopped on an error");
-                    1
+                    tracing::error!(error = %e, "gmail-sync stopped on an error");
+                    e.exit_code()
                 }
             }
         }
-        Command::Mailbox(MailboxCommand::Add { emails }) => {
+        Command::Mailbox(command) => {
             crate::telemetry::init_logging(LogTarget::Stderr);
-            match add_mailboxes(&config, &emails).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("gmail-sync: {e:#}");
-                    1
-                }
-            }
+            mailbox::execute(&config, command).await
         }
     }
-}
-
-async fn add_mailboxes(config: &Config, emails: &[String]) -> anyhow::Result<()> {
-    let topic = config.require_topic()?;
-    let mailboxes = emails
-        .iter()
-        .map(|e| Mailbox::parse(e).map_err(|err| anyhow::anyhow!("{e:?}: {err}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let store = crate::app::connect_store(config).await?;
-    let gmail = crate::app::gmail_client(config, Arc::new(Counters::default()))?;
-    for m in &mailboxes {
-        let r = crate::registry::add_mailbox(&gmail, &store, topic, m).await?;
-        println!("{}", serde_json::to_string(&r)?);
-    }
-    Ok(())
 }
 
 /// SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both start a graceful shutdown; a second signal

@@ -1,0 +1,343 @@
+//! The consumer's timing, with paused time: the real `Consumer::run` loop, a fake reader, fake
+//! syncs and a fake quarantine. (The emulator tests in tests/integration stay the end-to-end
+//! proofs; these pin down what happens at which moment.)
+
+use super::*;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use tokio::time::Instant;
+
+/// What the next sync call does.
+#[derive(Clone, Debug)]
+enum Step {
+    /// Takes `after`, then reports the cursor as `cursor`.
+    Covered {
+        after: Duration,
+        cursor: u64,
+    },
+    /// Never finishes unless cancelled.
+    Hang,
+    Retryable {
+        retry_after: Option<Duration>,
+    },
+    Panic,
+}
+
+#[derive(Default)]
+struct FakeSyncs {
+    script: Mutex<VecDeque<Step>>,
+    /// When each sync started (after its permit), with its target.
+    started: Mutex<Vec<(Instant, u64)>>,
+}
+
+impl SyncRunner for FakeSyncs {
+    async fn sync(
+        &self,
+        _mailbox: &Mailbox,
+        target: HistoryId,
+        cancel: &CancellationToken,
+    ) -> SyncReport {
+        self.started
+            .lock()
+            .unwrap()
+            .push((Instant::now(), target.get()));
+        let step = self.script.lock().unwrap().pop_front();
+        let step = step.unwrap_or(Step::Covered {
+            after: Duration::ZERO,
+            cursor: target.get(),
+        });
+        let work = async {
+            match step {
+                Step::Covered { after, cursor } => {
+                    tokio::time::sleep(after).await;
+                    SyncReport::Covered {
+                        cursor: HistoryId(cursor),
+                        called_gmail: true,
+                    }
+                }
+                Step::Hang => std::future::pending().await,
+                Step::Retryable { retry_after } => SyncReport::Retryable { retry_after },
+                Step::Panic => panic!("a sync panicked (on purpose, in a test)"),
+            }
+        };
+        tokio::select! {
+            report = work => report,
+            _ = cancel.cancelled() => SyncReport::Aborted,
+        }
+    }
+}
+
+#[derive(Default)]
+struct FakeQuarantine(Mutex<Vec<String>>);
+
+impl QuarantineSink for FakeQuarantine {
+    async fn quarantine(&self, entry: Quarantined<'_>) -> Result<(), StoreError> {
+        self.0.lock().unwrap().push(entry.reason.to_string());
+        Ok(())
+    }
+}
+
+/// Records "ack:ID" or "nack:ID" when consumed.
+struct Probe {
+    id: String,
+    log: Arc<Mutex<Vec<String>>>,
+    acked: bool,
+}
+
+impl Ack for Probe {
+    fn ack(mut self) {
+        self.acked = true;
+        self.log.lock().unwrap().push(format!("ack:{}", self.id));
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.acked {
+            self.log.lock().unwrap().push(format!("nack:{}", self.id));
+        }
+    }
+}
+
+struct Bed {
+    syncs: Arc<FakeSyncs>,
+    quarantine: Arc<FakeQuarantine>,
+    log: Arc<Mutex<Vec<String>>>,
+    /// Feeds the fake reader; dropping it ends the reader (as a stream ending would).
+    feed: Option<mpsc::UnboundedSender<Delivery<Probe>>>,
+    shutdown: CancellationToken,
+    consumer: Option<tokio::task::JoinHandle<()>>,
+    started_at: Instant,
+}
+
+fn settings(shutdown_timeout: Duration) -> ConsumerSettings {
+    ConsumerSettings {
+        max_concurrent_syncs: 4,
+        max_outstanding_messages: 100,
+        ack_extension: Duration::from_secs(60),
+        max_lease: Duration::from_secs(600),
+        shutdown_timeout,
+        sync_retries: 8,
+    }
+}
+
+impl Bed {
+    /// Starts `Consumer::run` with a fake reader that forwards what `send` feeds it and stops
+    /// (closing the channel) when told to stop reading, as the Pub/Sub reader does.
+    fn start(shutdown_timeout: Duration, script: Vec<Step>) -> Bed {
+        let syncs = Arc::new(FakeSyncs {
+            script: Mutex::new(script.into()),
+            ..FakeSyncs::default()
+        });
+        let quarantine = Arc::new(FakeQuarantine::default());
+        let (feed, mut fed) = mpsc::unbounded_channel::<Delivery<Probe>>();
+        let (tx, receiver) = mpsc::channel(8);
+        let stop_reading = CancellationToken::new();
+        let stop = stop_reading.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    d = fed.recv() => match d {
+                        Some(d) => { let _ = tx.send(d).await; }
+                        None => return,
+                    },
+                }
+            }
+        });
+        let consumer = Consumer {
+            syncs: syncs.clone(),
+            quarantine: quarantine.clone(),
+            settings: settings(shutdown_timeout),
+            counters: Arc::default(),
+            tracker: TaskTracker::new(),
+            heartbeat: Arc::default(),
+        };
+        let shutdown = CancellationToken::new();
+        let run = consumer.run(
+            Deliveries {
+                receiver,
+                stop_reading,
+            },
+            shutdown.clone(),
+        );
+        Bed {
+            syncs,
+            quarantine,
+            log: Arc::default(),
+            feed: Some(feed),
+            shutdown,
+            consumer: Some(tokio::spawn(run)),
+            started_at: Instant::now(),
+        }
+    }
+
+    fn send(&self, id: &str, payload: &str) {
+        let delivery = Delivery {
+            data: bytes::Bytes::from(payload.to_string()),
+            message_id: id.to_string(),
+            publish_time: None,
+            ack: Probe {
+                id: id.to_string(),
+                log: self.log.clone(),
+                acked: false,
+            },
+        };
+        self.feed
+            .as_ref()
+            .expect("reader still open")
+            .send(delivery)
+            .unwrap();
+    }
+
+    fn notify(&self, id: &str, email: &str, history_id: u64) {
+        self.send(
+            id,
+            &format!(r#"{{"emailAddress":"{email}","historyId":"{history_id}"}}"#),
+        );
+    }
+
+    /// Waits for the consumer to return (bounded in virtual time, so a hang fails the test).
+    async fn finished(&mut self) -> Duration {
+        let run = self.consumer.take().expect("awaited once");
+        tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("the consumer returns")
+            .expect("the consumer does not panic");
+        self.started_at.elapsed()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn sync_starts(&self) -> Vec<(Duration, u64)> {
+        self.syncs
+            .started
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, target)| (at.duration_since(self.started_at), *target))
+            .collect()
+    }
+}
+
+const GRACE: Duration = Duration::from_secs(30);
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_in_flight_at_shutdown_finishes_and_is_acked() {
+    let mut bed = Bed::start(
+        GRACE,
+        vec![Step::Covered {
+            after: Duration::from_secs(2),
+            cursor: 5,
+        }],
+    );
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(bed.sync_starts().len(), 1, "the sync started");
+    bed.shutdown.cancel();
+    let took = bed.finished().await;
+    assert_eq!(bed.log(), vec!["ack:1"]);
+    assert!(
+        took >= Duration::from_secs(2),
+        "waited for the sync: {took:?}"
+    );
+    assert!(took < GRACE, "did not wait for the grace period: {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_sync_is_cancelled_at_the_grace_and_nacked() {
+    let mut bed = Bed::start(GRACE, vec![Step::Hang]);
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.shutdown.cancel();
+    let took = bed.finished().await;
+    assert_eq!(bed.log(), vec!["nack:1"]);
+    assert!(took >= GRACE, "cancelled only at the grace: {took:?}");
+    assert!(took < GRACE + Duration::from_secs(1), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn nack_immediately_cancels_syncs_without_waiting() {
+    let mut bed = Bed::start(Duration::ZERO, vec![Step::Hang]);
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.shutdown.cancel();
+    let took = bed.finished().await;
+    assert_eq!(bed.log(), vec!["nack:1"]);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_reader_ending_drains_everything() {
+    let step = Step::Covered {
+        after: Duration::from_secs(1),
+        cursor: 9,
+    };
+    let mut bed = Bed::start(GRACE, vec![step.clone(), step]);
+    bed.notify("1", "a@x.com", 5);
+    bed.notify("2", "b@x.com", 7);
+    bed.notify("3", "a@x.com", 9);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The stream ends without a shutdown request (e.g. a permanent stream error).
+    bed.feed = None;
+    bed.finished().await;
+    let mut log = bed.log();
+    log.sort();
+    assert_eq!(log, vec!["ack:1", "ack:2", "ack:3"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_is_honoured() {
+    let retry_after = Duration::from_secs(30);
+    let mut bed = Bed::start(
+        GRACE,
+        vec![Step::Retryable {
+            retry_after: Some(retry_after),
+        }],
+    );
+    bed.notify("1", "a@x.com", 5);
+    // Long enough for the retry to run (virtual time).
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let starts = bed.sync_starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert!(
+        starts[1].0 - starts[0].0 >= retry_after,
+        "retried too early: {starts:?}"
+    );
+    assert_eq!(bed.log(), vec!["ack:1"]);
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_sync_reports_back_and_its_message_is_nacked() {
+    let mut bed = Bed::start(GRACE, vec![Step::Panic]);
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.shutdown.cancel();
+    let took = bed.finished().await;
+    assert_eq!(bed.log(), vec!["nack:1"]);
+    assert!(
+        took < GRACE,
+        "shutdown did not wait for the dead sync: {took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_messages_are_quarantined_then_acked() {
+    let mut bed = Bed::start(GRACE, vec![]);
+    bed.send("bad", "not json at all");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(bed.log(), vec!["ack:bad"]);
+    let reasons = bed.quarantine.0.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].contains("not a JSON notification"),
+        "{reasons:?}"
+    );
+    assert!(bed.sync_starts().is_empty());
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
