@@ -167,7 +167,7 @@ counters! {
     sync_errors_permanent,
     /// Gmail HTTP requests sent (including retries).
     gmail_calls,
-    /// Gmail quota units spent (per reference/apis.md costs).
+    /// Gmail quota units spent (at the costs of `gmail::Method::quota_units`).
     gmail_quota_units,
     /// Gmail answers 429 / 403 rate limits.
     gmail_rate_limited,

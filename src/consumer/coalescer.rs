@@ -3,7 +3,7 @@
 //! events and carries out the [`Effect`]s it returns, which keeps every ack decision testable
 //! without Pub/Sub.
 //!
-//! Rules (design.md §3, "Coalescing"):
+//! Rules (ARCHITECTURE.md, "Invariants and where they are kept"):
 //! - at most one sync per mailbox at a time in this process; notifications that arrive meanwhile
 //!   wait for it;
 //! - a notification is acked only when a committed cursor ≥ its historyId is known (I1);

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use wire::ErrorBody;
 
-/// The Gmail methods used, with their quota cost in units (reference/apis.md).
+/// The Gmail methods used, with their quota cost in units (Gmail API usage limits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     GetProfile,
