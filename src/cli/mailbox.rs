@@ -178,6 +178,27 @@ fn parse_mailbox(raw: &str) -> anyhow::Result<Mailbox> {
     Mailbox::parse(raw).map_err(|e| anyhow::anyhow!("{raw:?}: {e}"))
 }
 
+impl Done {
+    fn from_failed(failed: bool) -> Done {
+        if failed {
+            Done::SomeFailed
+        } else {
+            Done::AllOk
+        }
+    }
+}
+
+/// A mailbox's failure: on stderr with what to do next, and as a JSON line with `--json`.
+fn report_failure(m: &Mailbox, e: &RegistryError, json: bool) {
+    eprintln!("gmail-sync: {m}: {e} ({})", next_step(e));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"mailbox": m.as_str(), "error": e.to_string(), "retryable": e.is_retryable()})
+        );
+    }
+}
+
 /// What to do after a mailbox's failure.
 fn next_step(e: &RegistryError) -> &'static str {
     if e.is_retryable() {
@@ -216,21 +237,11 @@ async fn add(
             ),
             Err(e) => {
                 failed = true;
-                eprintln!("gmail-sync: {m}: {e} ({})", next_step(&e));
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"mailbox": m.as_str(), "error": e.to_string(), "retryable": e.is_retryable()})
-                    );
-                }
+                report_failure(m, &e, json);
             }
         }
     }
-    Ok(if failed {
-        Done::SomeFailed
-    } else {
-        Done::AllOk
-    })
+    Ok(Done::from_failed(failed))
 }
 
 #[derive(serde::Serialize)]
@@ -331,11 +342,7 @@ async fn import(
             println!("run the same import again to retry the failures (done lines are skipped)");
         }
     }
-    Ok(if summary.failed.is_empty() {
-        Done::AllOk
-    } else {
-        Done::SomeFailed
-    })
+    Ok(Done::from_failed(!summary.failed.is_empty()))
 }
 
 fn progress_line(s: &ImportSummary, done: usize) -> String {
@@ -375,21 +382,11 @@ async fn remove(config: &Config, emails: &[String], json: bool) -> anyhow::Resul
             }
             Err(e) => {
                 failed = true;
-                eprintln!("gmail-sync: {m}: {e} ({})", next_step(&e));
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"mailbox": m.as_str(), "error": e.to_string(), "retryable": e.is_retryable()})
-                    );
-                }
+                report_failure(m, &e, json);
             }
         }
     }
-    Ok(if failed {
-        Done::SomeFailed
-    } else {
-        Done::AllOk
-    })
+    Ok(Done::from_failed(failed))
 }
 
 /// One mailbox as `list` and `status` show it.
@@ -570,7 +567,7 @@ async fn resync(config: &Config, email: &str, json: bool) -> anyhow::Result<Done
             detail["error"].as_str().unwrap_or("")
         );
     }
-    Ok(if ok { Done::AllOk } else { Done::SomeFailed })
+    Ok(Done::from_failed(!ok))
 }
 
 fn time_of_s(epoch_s: u64) -> String {

@@ -315,25 +315,8 @@ fn ack_covered<A>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::delivery::Probe;
     use std::sync::{Arc, Mutex};
-
-    /// Records "ack:H" or "nack:H" when consumed.
-    struct Probe(u64, Arc<Mutex<Vec<String>>>, bool);
-
-    impl Ack for Probe {
-        fn ack(mut self) {
-            self.2 = true;
-            self.1.lock().unwrap().push(format!("ack:{}", self.0));
-        }
-    }
-
-    impl Drop for Probe {
-        fn drop(&mut self) {
-            if !self.2 {
-                self.1.lock().unwrap().push(format!("nack:{}", self.0));
-            }
-        }
-    }
 
     struct Bed {
         c: Coalescer<Probe>,
@@ -350,7 +333,7 @@ mod tests {
             }
         }
         fn notify(&mut self, m: &str, h: u64) {
-            let w = Waiter::new(HistoryId(h), Probe(h, self.log.clone(), false), None);
+            let w = Waiter::new(HistoryId(h), Probe::new(h, &self.log), None);
             self.c
                 .on_notification(Mailbox::parse(m).unwrap(), w, &mut self.out);
         }

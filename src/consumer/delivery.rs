@@ -30,3 +30,43 @@ pub struct Deliveries<A> {
     pub receiver: mpsc::Receiver<Delivery<A>>,
     pub stop_reading: CancellationToken,
 }
+
+/// The tests' ack handle: records "ack:ID" when acked and "nack:ID" when dropped unacked, in
+/// one shared log, so a test reads what became of each message in order.
+#[cfg(test)]
+pub(crate) struct Probe {
+    id: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    acked: bool,
+}
+
+#[cfg(test)]
+impl Probe {
+    pub(crate) fn new(
+        id: impl ToString,
+        log: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Probe {
+        Probe {
+            id: id.to_string(),
+            log: log.clone(),
+            acked: false,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Ack for Probe {
+    fn ack(mut self) {
+        self.acked = true;
+        self.log.lock().unwrap().push(format!("ack:{}", self.id));
+    }
+}
+
+#[cfg(test)]
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.acked {
+            self.log.lock().unwrap().push(format!("nack:{}", self.id));
+        }
+    }
+}

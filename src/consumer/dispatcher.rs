@@ -172,25 +172,8 @@ impl<A: Ack> Dispatcher<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::delivery::Probe;
     use std::sync::{Arc, Mutex};
-
-    /// Records "ack:ID" or "nack:ID" when consumed.
-    struct Probe(String, Arc<Mutex<Vec<String>>>, bool);
-
-    impl Ack for Probe {
-        fn ack(mut self) {
-            self.2 = true;
-            self.1.lock().unwrap().push(format!("ack:{}", self.0));
-        }
-    }
-
-    impl Drop for Probe {
-        fn drop(&mut self) {
-            if !self.2 {
-                self.1.lock().unwrap().push(format!("nack:{}", self.0));
-            }
-        }
-    }
 
     struct Bed {
         d: Dispatcher<Probe>,
@@ -210,7 +193,7 @@ mod tests {
                 data: bytes::Bytes::from(data.to_string()),
                 message_id: id.into(),
                 publish_time: None,
-                ack: Probe(id.into(), self.log.clone(), false),
+                ack: Probe::new(id, &self.log),
             })
         }
 

@@ -2,6 +2,7 @@
 //! syncs and a fake quarantine. (The emulator tests in tests/integration stay the end-to-end
 //! proofs; these pin down what happens at which moment.)
 
+use super::delivery::Probe;
 use super::*;
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -74,28 +75,6 @@ impl QuarantineSink for FakeQuarantine {
     async fn quarantine(&self, entry: Quarantined<'_>) -> Result<(), StoreError> {
         self.0.lock().unwrap().push(entry.reason.to_string());
         Ok(())
-    }
-}
-
-/// Records "ack:ID" or "nack:ID" when consumed.
-struct Probe {
-    id: String,
-    log: Arc<Mutex<Vec<String>>>,
-    acked: bool,
-}
-
-impl Ack for Probe {
-    fn ack(mut self) {
-        self.acked = true;
-        self.log.lock().unwrap().push(format!("ack:{}", self.id));
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        if !self.acked {
-            self.log.lock().unwrap().push(format!("nack:{}", self.id));
-        }
     }
 }
 
@@ -177,11 +156,7 @@ impl Bed {
             data: bytes::Bytes::from(payload.to_string()),
             message_id: id.to_string(),
             publish_time: None,
-            ack: Probe {
-                id: id.to_string(),
-                log: self.log.clone(),
-                acked: false,
-            },
+            ack: Probe::new(id, &self.log),
         };
         self.feed
             .as_ref()

@@ -111,6 +111,13 @@ impl GmailError {
 /// The part of Gmail's 400 answer that identifies a watch conflict.
 const WATCH_CONFLICT_MESSAGE: &str = "Only one user push notification client allowed";
 
+/// Whether `watch_taking_over` had to stop another client's watch first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    None,
+    StoppedOther,
+}
+
 /// A watch's label filter (`labelIds` + `labelFilterBehavior`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabelFilter {
@@ -294,6 +301,30 @@ impl GmailClient {
             } if message.contains(WATCH_CONFLICT_MESSAGE) => GmailError::WatchConflict,
             other => other,
         })
+    }
+
+    /// `watch`, and on a watch conflict `stop` then one more `watch`: Gmail allows one push
+    /// client per mailbox and developer project. A conflict that outlives the stop is reported
+    /// as transient (try again later), never looped on here.
+    pub async fn watch_taking_over(
+        &self,
+        mailbox: &Mailbox,
+        topic: &str,
+        filter: Option<&LabelFilter>,
+    ) -> Result<(Watch, Takeover), GmailError> {
+        match self.watch(mailbox, topic, filter).await {
+            Err(GmailError::WatchConflict) => {}
+            other => return other.map(|w| (w, Takeover::None)),
+        }
+        self.stop(mailbox).await?;
+        match self.watch(mailbox, topic, filter).await {
+            Ok(w) => Ok((w, Takeover::StoppedOther)),
+            Err(GmailError::WatchConflict) => Err(GmailError::Transient {
+                detail: "watch conflict persists after users.stop".into(),
+                retry_after: None,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn stop(&self, mailbox: &Mailbox) -> Result<(), GmailError> {

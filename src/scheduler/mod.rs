@@ -11,7 +11,7 @@
 //! Work under a claim (bounded by [`SchedulePolicy::work_timeout`], below the claim):
 //! - **renewal**: `users.watch` on the configured topic with the stored label filter. Gmail's
 //!   400 "Only one user push notification client allowed" is answered with `users.stop` and
-//!   one more `watch`. The new expiration is stored, the cursor never moves. A transient
+//!   one more `watch` (`GmailClient::watch_taking_over`). The new expiration is stored, the cursor never moves. A transient
 //!   failure backs off (count kept in Redis); a permanent one marks the mailbox as needing
 //!   attention, parks its schedule and writes a `mailbox_attention` entry;
 //! - **fallback sync**: the ordinary sync (lease, `history.list`, atomic commit) up to the
@@ -24,8 +24,8 @@ mod policy;
 
 pub use policy::SchedulePolicy;
 
-use crate::gmail::{GmailClient, GmailError, LabelFilter, Watch};
-use crate::mailbox::{Mailbox, MailboxLogStyle};
+use crate::gmail::{GmailClient, GmailError, LabelFilter, Takeover, Watch};
+use crate::mailbox::MailboxLogStyle;
 use crate::store::{
     AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, Store, StoreError, now_ms,
 };
@@ -58,12 +58,6 @@ pub struct Scheduler {
     pub log_style: MailboxLogStyle,
     /// Bumped every tick: proof of life for the health file.
     pub heartbeat: Arc<AtomicU64>,
-}
-
-/// What renewing one mailbox came to.
-enum Renewal {
-    Renewed(Watch),
-    Failed(GmailError),
 }
 
 impl Scheduler {
@@ -174,8 +168,8 @@ impl Scheduler {
             item.action,
             ClaimAction::Renew | ClaimAction::RenewAndFallbackSync
         ) {
-            match self.renew(mailbox).await {
-                Renewal::Renewed(watch) => {
+            match self.renew(item).await {
+                Ok(watch) => {
                     Counters::inc(&self.counters.renewals);
                     tracing::debug!(mailbox = %shown, expiration_ms = watch.expiration_ms, "watch renewed");
                     outcome = FinishOutcome::Renewed {
@@ -183,7 +177,7 @@ impl Scheduler {
                         renew_at_s: self.policy.next_renewal_s(now_ms()),
                     };
                 }
-                Renewal::Failed(e) if e.is_retryable() => {
+                Err(e) if e.is_retryable() => {
                     Counters::inc(&self.counters.renewal_failures);
                     tracing::warn!(mailbox = %shown, error = %e, "watch renewal failed; will retry");
                     outcome = FinishOutcome::RenewFailed {
@@ -191,7 +185,7 @@ impl Scheduler {
                         retry_cap: self.policy.renew_retry_cap(),
                     };
                 }
-                Renewal::Failed(e) => {
+                Err(e) => {
                     Counters::inc(&self.counters.renewal_failures);
                     Counters::inc(&self.counters.attention_marked);
                     tracing::error!(
@@ -250,48 +244,21 @@ impl Scheduler {
         }
     }
 
-    /// `users.watch`; on a watch conflict, `users.stop` then one more `users.watch`.
-    async fn renew(&self, mailbox: &Mailbox) -> Renewal {
-        let filter = match self.store.renewal_work(mailbox).await {
-            Ok(work) => work.labels.as_deref().and_then(LabelFilter::decode),
-            Err(e) => {
-                return Renewal::Failed(GmailError::Transient {
-                    detail: format!("reading the label filter: {e}"),
-                    retry_after: None,
-                });
-            }
-        };
-        match self
+    /// `users.watch` with the stored label filter, taking over from a conflicting client.
+    async fn renew(&self, item: &Claimed) -> Result<Watch, GmailError> {
+        let filter = item.labels.as_deref().and_then(LabelFilter::decode);
+        let (watch, takeover) = self
             .gmail
-            .watch(mailbox, &self.topic, filter.as_ref())
-            .await
-        {
-            Ok(watch) => Renewal::Renewed(watch),
-            Err(GmailError::WatchConflict) => {
-                Counters::inc(&self.counters.watch_conflicts);
-                tracing::warn!(
-                    mailbox = %mailbox.for_log(self.log_style),
-                    "another push client holds this mailbox's watch: stop, then watch again"
-                );
-                if let Err(e) = self.gmail.stop(mailbox).await {
-                    return Renewal::Failed(e);
-                }
-                match self
-                    .gmail
-                    .watch(mailbox, &self.topic, filter.as_ref())
-                    .await
-                {
-                    Ok(watch) => Renewal::Renewed(watch),
-                    // Still conflicting right after a stop: retry later, not forever now.
-                    Err(GmailError::WatchConflict) => Renewal::Failed(GmailError::Transient {
-                        detail: "watch conflict persists after users.stop".into(),
-                        retry_after: None,
-                    }),
-                    Err(e) => Renewal::Failed(e),
-                }
-            }
-            Err(e) => Renewal::Failed(e),
+            .watch_taking_over(&item.mailbox, &self.topic, filter.as_ref())
+            .await?;
+        if takeover == Takeover::StoppedOther {
+            Counters::inc(&self.counters.watch_conflicts);
+            tracing::warn!(
+                mailbox = %item.mailbox.for_log(self.log_style),
+                "another push client held this mailbox's watch: stopped it and watched again"
+            );
         }
+        Ok(watch)
     }
 
     /// Logs (and counts) watches that expire within the warn horizon while their renewal fails.

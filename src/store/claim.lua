@@ -5,7 +5,7 @@
 -- ARGV[1] now (epoch ms), ARGV[2] claim TTL ms, ARGV[3] claimer identity, ARGV[4] silence ms,
 -- ARGV[5] renewals allowed per budget window, ARGV[6] end of the budget window (epoch ms),
 -- then for member i: ARGV[6+2i-1] the mailbox, ARGV[6+2i] its fallback jitter ms
--- Returns for each member: {mailbox, action, watch expiration (epoch s or '')}, flattened;
+-- Returns for each member: {mailbox, action, label filter ('' = whole mailbox)}, flattened;
 -- action: renew | fallback | renew_fallback (claimed) | later | throttled | claimed | attention | gone
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -16,7 +16,7 @@ local n = (#KEYS - 2) / 2
 for i = 1, n do
   local state, claim = KEYS[2 + 2 * i - 1], KEYS[2 + 2 * i]
   local m, jitter = ARGV[6 + 2 * i - 1], tonumber(ARGV[6 + 2 * i])
-  local st = redis.call('HMGET', state, 'cursor', 'attention', 'renew', 'synced', 'watch')
+  local st = redis.call('HMGET', state, 'cursor', 'attention', 'renew', 'synced', 'labels')
   local action
   if not st[1] then
     redis.call('ZREM', KEYS[1], m)
@@ -60,6 +60,7 @@ for i = 1, n do
   end
   out[#out + 1] = m
   out[#out + 1] = action
+  -- The renewal needs the watch's label filter: handed over here, not read again.
   out[#out + 1] = st[5] or ''
 end
 return out

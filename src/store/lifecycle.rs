@@ -70,13 +70,7 @@ pub enum ClaimAction {
 pub struct Claimed {
     pub mailbox: Mailbox,
     pub action: ClaimAction,
-    /// The stored watch expiration (epoch s), if any.
-    pub watch_expiration_s: Option<u64>,
-}
-
-/// What the renewal asked of `watch`: its label filter.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RenewalWork {
+    /// The stored label filter of its watch (`include:ID,ID` / `exclude:ID,ID`), if any.
     pub labels: Option<String>,
 }
 
@@ -280,7 +274,7 @@ impl Store {
             .await?;
         let mut claimed = Vec::new();
         for triple in raw.chunks(3) {
-            let [mailbox, action, watch] = triple else {
+            let [mailbox, action, labels] = triple else {
                 return Err(StoreError::Protocol("claim: reply not in triples".into()));
             };
             let action = match action.as_str() {
@@ -295,28 +289,10 @@ impl Store {
             claimed.push(Claimed {
                 mailbox,
                 action,
-                watch_expiration_s: watch.parse().ok(),
+                labels: (!labels.is_empty()).then(|| labels.clone()),
             });
         }
         Ok(claimed)
-    }
-
-    /// The label filter to renew the watch with.
-    pub async fn renewal_work(&self, mailbox: &Mailbox) -> Result<RenewalWork, StoreError> {
-        let labels: Option<String> = self
-            .conn
-            .retrying(|mut c| {
-                let key = self.keys.state(mailbox);
-                async move {
-                    redis::cmd("HGET")
-                        .arg(key)
-                        .arg("labels")
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await?;
-        Ok(RenewalWork { labels })
     }
 
     /// Records what the scheduler did under `claim` and reschedules the mailbox. False if the
@@ -425,10 +401,13 @@ impl Store {
     /// Everything stored about `mailbox`, or None if it is not registered.
     pub async fn status(&self, mailbox: &Mailbox) -> Result<Option<MailboxStatus>, StoreError> {
         type Reply = (
-            (Vec<Option<String>>, Option<String>, Option<String>),
+            Vec<Option<String>>,
+            Option<String>,
+            Option<String>,
             Option<String>,
         );
-        let ((fields, lease, claim), score): Reply = self
+        // One round trip: all four keys share the mailbox's hash tag (one node in a cluster).
+        let (fields, lease, claim, score): Reply = self
             .conn
             .retrying(|mut c| {
                 let mut pipe = redis::pipe();
@@ -438,19 +417,11 @@ impl Store {
                     .cmd("GET")
                     .arg(self.keys.lease(mailbox))
                     .cmd("GET")
-                    .arg(self.keys.claim(mailbox));
-                let score_cmd = {
-                    let mut cmd = redis::cmd("ZSCORE");
-                    cmd.arg(self.keys.schedule_of(mailbox))
-                        .arg(mailbox.as_str());
-                    cmd
-                };
-                async move {
-                    let first: (Vec<Option<String>>, Option<String>, Option<String>) =
-                        pipe.query_async(&mut c).await?;
-                    let score: Option<String> = score_cmd.query_async(&mut c).await?;
-                    Ok((first, score))
-                }
+                    .arg(self.keys.claim(mailbox))
+                    .cmd("ZSCORE")
+                    .arg(self.keys.schedule_of(mailbox))
+                    .arg(mailbox.as_str());
+                async move { pipe.query_async(&mut c).await }
             })
             .await?;
         status_of(mailbox.as_str(), &fields, lease, claim, score)

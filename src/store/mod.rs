@@ -33,7 +33,7 @@ pub use keys::KeyLayout;
 pub use lease::Lease;
 pub use lifecycle::{
     AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor, MailboxStatus,
-    RenewalWork, WatchPlan,
+    WatchPlan,
 };
 pub use schema::{ChangeEntry, ChangeKind, ResyncReason, SCHEMA_VERSION};
 

@@ -40,24 +40,18 @@ fn with(
 async fn make_renewal_due(bed: &Bed, mailboxes: &[String]) {
     let keys = KeyLayout::new(&bed.prefix, bed.shards);
     let mut con = bed.redis().await;
-    let now = now_ms();
+    let now_s = now_ms() / 1000;
     for email in mailboxes {
         let m = Mailbox::parse(email).unwrap();
-        let _: () = redis::pipe()
-            .cmd("HSET")
+        let _: () = redis::cmd("HSET")
             .arg(keys.state(&m))
             .arg("renew")
-            .arg(now / 1000 - 1)
-            .ignore()
-            .cmd("ZADD")
-            .arg(keys.schedule_of(&m))
-            .arg(now - 1)
-            .arg(m.as_str())
-            .ignore()
+            .arg(now_s - 1)
             .query_async(&mut con)
             .await
             .unwrap();
     }
+    look_now(bed, mailboxes).await;
 }
 
 /// Moves the scheduler's next look at `mailboxes` to now (renewal times unchanged).
