@@ -81,7 +81,8 @@ fn config(redis: &RedisServer, sim: &GmailSim, prefix: &str, extra: &[(&str, &st
 }
 
 fn scheduler(config: &Config, store: &Store, counters: &Arc<Counters>) -> Scheduler {
-    let gmail = gmail_sync::app::gmail_client(config, counters.clone()).expect("gmail client");
+    let gmail =
+        gmail_sync::app::gmail_client(config, store, counters.clone()).expect("gmail client");
     let syncer = Arc::new(Syncer::new(
         gmail.clone(),
         store.clone(),

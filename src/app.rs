@@ -3,7 +3,7 @@
 //!
 //! `run(config, shutdown, counters)` is what `main` calls; tests call it the same way.
 
-use crate::auth::{NoCredentials, StaticToken, TokenSource};
+use crate::auth::Credentials;
 use crate::config::Config;
 use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
@@ -34,16 +34,22 @@ pub enum AppError {
     /// Startup checks failed (Redis, Pub/Sub, health dir): nothing was consumed.
     #[error("startup failed: {0:#}")]
     Startup(anyhow::Error),
+    /// The Gmail credentials are misconfigured (a key, a client, a scope, a delegation grant):
+    /// the error says what to fix.
+    #[error("Gmail credentials: {0}")]
+    Credentials(crate::auth::AuthError),
     /// A long-running task failed, or ended without being asked to; the others were drained.
     #[error("task {task} {detail}")]
     Task { task: &'static str, detail: String },
 }
 
 impl AppError {
-    /// 1: startup failed; 3: a task stopped the process after startup.
+    /// 1: startup failed; 2: misconfigured credentials; 3: a task stopped the process after
+    /// startup.
     pub fn exit_code(&self) -> i32 {
         match self {
             AppError::Startup(_) => 1,
+            AppError::Credentials(_) => 2,
             AppError::Task { .. } => 3,
         }
     }
@@ -66,7 +72,12 @@ pub async fn run(
     // The scheduler renews watches on this topic: without it every mailbox goes deaf in 7 days.
     let topic = config.require_topic()?.to_string();
     let store = connect_store(&config).await.map_err(AppError::Startup)?;
-    let gmail = gmail_client(&config, counters.clone()).map_err(AppError::Startup)?;
+    let credentials = credentials(&config, &store)?;
+    for verified in check_credentials(&config, &credentials).await? {
+        tracing::info!(mode = %config.auth.describe(), "credentials: {verified}");
+    }
+    let gmail = GmailClient::new(&config.gmail, credentials.token_source(), counters.clone())
+        .map_err(AppError::Startup)?;
     subscription::check(&config.pubsub, &subscription, STARTUP_DEADLINE)
         .await
         .context("Pub/Sub startup check")
@@ -95,6 +106,7 @@ pub async fn run(
         counters.clone(),
         config.log_mailbox,
     ));
+    let guard = syncer.guard().clone();
     let scheduler = Scheduler {
         store: store.clone(),
         gmail,
@@ -121,8 +133,15 @@ pub async fn run(
     supervisor.spawn("scheduler", Tier::Worker, move |stop| scheduler.run(stop));
     supervisor.spawn("health", Tier::Background, {
         let health = health.clone();
+        let readiness: crate::health::Readiness = Box::new(move || match guard.tripped() {
+            None => Ok(()),
+            Some(trip) => Err(format!(
+                "{} of {} mailboxes seen fail with {:?}: a configuration problem",
+                trip.failing, trip.seen, trip.cause
+            )),
+        });
         move |stop| async move {
-            health.keep_alive(heartbeat, stop).await;
+            health.keep_alive(heartbeat, readiness, stop).await;
             Ok(())
         }
     });
@@ -200,15 +219,53 @@ pub async fn connect_store(config: &Config) -> anyhow::Result<Store> {
     }
 }
 
-pub fn gmail_client(config: &Config, counters: Arc<Counters>) -> anyhow::Result<GmailClient> {
-    let tokens: Arc<dyn TokenSource> = match &config.gmail.dev_access_token {
-        Some(token) => {
-            tracing::warn!(
-                "using GMAIL_SYNC_DEV_ACCESS_TOKEN for every mailbox: for development only"
-            );
-            Arc::new(StaticToken::new(token))
-        }
-        None => Arc::new(NoCredentials),
-    };
-    GmailClient::new(&config.gmail, tokens, counters)
+/// The Gmail client with the configured credentials. Runs inside the runtime (ADC).
+pub fn gmail_client(
+    config: &Config,
+    store: &Store,
+    counters: Arc<Counters>,
+) -> Result<GmailClient, AppError> {
+    let credentials = credentials(config, store)?;
+    GmailClient::new(&config.gmail, credentials.token_source(), counters).map_err(AppError::Startup)
+}
+
+/// Refresh tokens as stored in Redis.
+// Until the vault lands every mailbox reads as having none (delegation is used).
+impl crate::auth::refresh::StoredRefreshTokens for Store {
+    fn refresh_token<'a>(
+        &'a self,
+        _mailbox: &'a crate::mailbox::Mailbox,
+    ) -> crate::auth::refresh::LookupFuture<'a> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+pub(crate) fn credentials(config: &Config, store: &Store) -> Result<Credentials, AppError> {
+    if config.auth.dev_access_token.is_some() {
+        tracing::warn!("using GMAIL_SYNC_DEV_ACCESS_TOKEN for every mailbox: for development only");
+    }
+    Credentials::new(&config.auth, Arc::new(store.clone())).map_err(AppError::Credentials)
+}
+
+/// Proves the credentials work before anything is consumed (see `Credentials::check`).
+pub(crate) async fn check_credentials(
+    config: &Config,
+    credentials: &Credentials,
+) -> Result<Vec<String>, AppError> {
+    match tokio::time::timeout(
+        STARTUP_DEADLINE,
+        credentials.check(config.auth.probe_mailbox.as_ref()),
+    )
+    .await
+    {
+        Ok(Ok(verified)) => Ok(verified),
+        Ok(Err(e)) if e.is_retryable() => Err(AppError::Startup(anyhow::anyhow!(
+            "Gmail credentials could not be checked: {e}"
+        ))),
+        Ok(Err(e)) => Err(AppError::Credentials(e)),
+        Err(_) => Err(AppError::Startup(anyhow::anyhow!(
+            "the token endpoint ({}) did not answer within {STARTUP_DEADLINE:?}",
+            config.auth.token_url
+        ))),
+    }
 }

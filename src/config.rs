@@ -7,7 +7,7 @@
 //! example. That definition is what [`Config::from_lookup`] parses with, what [`variables`]
 //! lists, what `--help` prints and what the test of README.md's table compares with.
 
-use crate::mailbox::MailboxLogStyle;
+use crate::mailbox::{Mailbox, MailboxLogStyle};
 use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Command, FromArgMatches};
 use std::fmt;
@@ -114,6 +114,86 @@ struct Environment {
     /// e.g. ya29.dev-token
     #[arg(long, env = "GMAIL_SYNC_DEV_ACCESS_TOKEN", hide_env_values = true, value_parser = secret)]
     dev_access_token: Option<Secret>,
+
+    /// OAuth 2.0 token endpoint that delegation assertions and refresh tokens are exchanged at
+    ///
+    /// e.g. http://127.0.0.1:8085/token
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_TOKEN_URL",
+        default_value = "https://oauth2.googleapis.com/token",
+        value_parser = http_url
+    )]
+    token_url: String,
+
+    /// OAuth scopes asked for, space-separated (gmail.metadata covers history, labels and headers)
+    ///
+    /// e.g. https://www.googleapis.com/auth/gmail.readonly
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_GMAIL_SCOPES",
+        default_value = "https://www.googleapis.com/auth/gmail.metadata",
+        value_parser = scopes
+    )]
+    gmail_scopes: Scopes,
+
+    /// Workspace domain-wide delegation, signed locally: the service account's JSON key file
+    ///
+    /// e.g. /var/run/secrets/gmail-sync/delegation-key.json
+    #[arg(long, env = "GMAIL_SYNC_DELEGATION_KEY_FILE", value_parser = service_account_key_file)]
+    delegation_key_file: Option<ServiceAccountKey>,
+
+    /// Workspace domain-wide delegation, keyless: the service account IAM signJwt signs as (with ADC)
+    ///
+    /// e.g. gmail-sync-delegation@acme.iam.gserviceaccount.com
+    #[arg(long, env = "GMAIL_SYNC_DELEGATION_SERVICE_ACCOUNT", value_parser = service_account_email)]
+    delegation_service_account: Option<String>,
+
+    /// Base URL of the IAM Credentials API used for keyless signing
+    ///
+    /// e.g. http://127.0.0.1:8085
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_IAM_CREDENTIALS_URL",
+        default_value = "https://iamcredentials.googleapis.com",
+        value_parser = http_url
+    )]
+    iam_credentials_url: String,
+
+    /// Per-user refresh tokens: the OAuth client id the mailbox owners authorized
+    ///
+    /// e.g. 1234567890-abc.apps.googleusercontent.com
+    #[arg(long, env = "GMAIL_SYNC_OAUTH_CLIENT_ID")]
+    oauth_client_id: Option<String>,
+
+    /// Per-user refresh tokens: the OAuth client secret (prefer GMAIL_SYNC_OAUTH_CLIENT_SECRET_FILE)
+    ///
+    /// e.g. GOCSPX-example
+    #[arg(long, env = "GMAIL_SYNC_OAUTH_CLIENT_SECRET", hide_env_values = true, value_parser = secret)]
+    oauth_client_secret: Option<Secret>,
+
+    /// Per-user refresh tokens: a file holding the OAuth client secret
+    ///
+    /// e.g. /var/run/secrets/gmail-sync/oauth-client-secret
+    #[arg(long, env = "GMAIL_SYNC_OAUTH_CLIENT_SECRET_FILE", value_parser = secret_file)]
+    oauth_client_secret_file: Option<Secret>,
+
+    /// A mailbox that startup mints a delegation token for, to prove delegation works
+    ///
+    /// e.g. postmaster@acme.com
+    #[arg(long, env = "GMAIL_SYNC_PROBE_MAILBOX", value_parser = probe_mailbox)]
+    probe_mailbox: Option<Mailbox>,
+
+    /// Seconds a mailbox keeps failing for good before it is marked needing attention (0-86400); meanwhile a mass failure is told apart
+    ///
+    /// e.g. 300
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_FAILURE_SETTLE_SECS",
+        default_value = "120",
+        value_parser = seconds(0, 86_400)
+    )]
+    failure_settle: Duration,
 
     /// Mailbox syncs running at once in one process (1-10000)
     ///
@@ -421,6 +501,7 @@ pub struct Config {
     pub pubsub: PubSubEndpoint,
     pub redis: RedisTarget,
     pub store: StoreSettings,
+    pub auth: AuthSettings,
     pub gmail: GmailSettings,
     pub consumer: ConsumerSettings,
     pub sync: SyncSettings,
@@ -441,7 +522,6 @@ pub struct StoreSettings {
 #[derive(Clone, Debug)]
 pub struct GmailSettings {
     pub api_url: String,
-    pub dev_access_token: Option<Secret>,
     pub request_timeout: Duration,
     pub max_attempts: u32,
 }
@@ -458,6 +538,8 @@ pub struct ConsumerSettings {
 
 #[derive(Clone, Debug)]
 pub struct SyncSettings {
+    /// See `GMAIL_SYNC_FAILURE_SETTLE_SECS` and `failure_guard`.
+    pub failure_settle: Duration,
     pub mailbox_lease: Duration,
     pub history_page_size: u32,
     pub resync_max_messages: u32,
@@ -474,6 +556,171 @@ pub struct SchedulerSettings {
     pub fallback_jitter: Duration,
     pub tick: Duration,
     pub warn_horizon: Duration,
+}
+
+/// Where Gmail tokens come from (see `auth`). Modes combine: a mailbox with a stored refresh
+/// token uses it, any other uses delegation when it is configured.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    pub token_url: String,
+    pub scopes: Vec<String>,
+    pub delegation: Option<DelegationSettings>,
+    pub oauth_client: Option<OAuthClient>,
+    pub probe_mailbox: Option<Mailbox>,
+    /// Development only; excludes the other modes.
+    pub dev_access_token: Option<Secret>,
+}
+
+impl AuthSettings {
+    /// The modes in use, for logs and `check-config`.
+    pub fn describe(&self) -> String {
+        if self.dev_access_token.is_some() {
+            return "development access token".into();
+        }
+        let mut modes = Vec::new();
+        match self.delegation.as_ref().map(|d| &d.signing) {
+            Some(DelegationSigning::KeyFile(key)) => modes.push(format!(
+                "domain-wide delegation as {} (key file)",
+                key.client_email
+            )),
+            Some(DelegationSigning::Iam {
+                service_account, ..
+            }) => modes.push(format!(
+                "domain-wide delegation as {service_account} (keyless, IAM signJwt)"
+            )),
+            None => {}
+        }
+        if let Some(client) = &self.oauth_client {
+            modes.push(format!("per-user refresh tokens (client {})", client.id));
+        }
+        if modes.is_empty() {
+            "none".into()
+        } else {
+            modes.join(" + ")
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DelegationSettings {
+    pub signing: DelegationSigning,
+}
+
+#[derive(Clone, Debug)]
+pub enum DelegationSigning {
+    /// Locally, with the key file's private key.
+    KeyFile(ServiceAccountKey),
+    /// Keyless, by IAM Credentials `signJwt` with Application Default Credentials.
+    Iam {
+        service_account: String,
+        iam_url: String,
+    },
+}
+
+/// The fields of a service-account JSON key that are used; the whole file stays a secret.
+#[derive(Clone, Debug)]
+pub struct ServiceAccountKey {
+    pub client_email: String,
+    pub private_key_id: String,
+    pub json: Secret,
+}
+
+#[derive(Clone, Debug)]
+pub struct OAuthClient {
+    pub id: String,
+    pub secret: Secret,
+}
+
+/// The scope list, as parsed from `GMAIL_SYNC_GMAIL_SCOPES`.
+#[derive(Clone, Debug)]
+struct Scopes(Vec<String>);
+
+/// The auth variables, gathered for [`auth_settings`].
+struct AuthVariables {
+    dev_access_token: Option<Secret>,
+    token_url: String,
+    scopes: Scopes,
+    delegation_key_file: Option<ServiceAccountKey>,
+    delegation_service_account: Option<String>,
+    iam_credentials_url: String,
+    oauth_client_id: Option<String>,
+    oauth_client_secret: Option<Secret>,
+    oauth_client_secret_file: Option<Secret>,
+    probe_mailbox: Option<Mailbox>,
+}
+
+/// The rules between the auth variables: one delegation signer, a client id with exactly one
+/// secret, no development token next to real credentials.
+fn auth_settings(v: AuthVariables) -> Result<AuthSettings, ConfigError> {
+    let conflict = |name: &'static str, problem: &str| ConfigError {
+        name,
+        problem: problem.to_string(),
+    };
+    let delegation = match (v.delegation_key_file, v.delegation_service_account) {
+        (Some(_), Some(_)) => {
+            return Err(conflict(
+                "GMAIL_SYNC_DELEGATION_SERVICE_ACCOUNT",
+                "set either GMAIL_SYNC_DELEGATION_KEY_FILE (sign with a key) or                  GMAIL_SYNC_DELEGATION_SERVICE_ACCOUNT (keyless, IAM signJwt), not both",
+            ));
+        }
+        (Some(key), None) => Some(DelegationSettings {
+            signing: DelegationSigning::KeyFile(key),
+        }),
+        (None, Some(service_account)) => Some(DelegationSettings {
+            signing: DelegationSigning::Iam {
+                service_account,
+                iam_url: v.iam_credentials_url,
+            },
+        }),
+        (None, None) => None,
+    };
+    let secret = match (v.oauth_client_secret, v.oauth_client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(conflict(
+                "GMAIL_SYNC_OAUTH_CLIENT_SECRET",
+                "set GMAIL_SYNC_OAUTH_CLIENT_SECRET or GMAIL_SYNC_OAUTH_CLIENT_SECRET_FILE, not both",
+            ));
+        }
+        (a, b) => a.or(b),
+    };
+    let oauth_client = match (v.oauth_client_id, secret) {
+        (Some(id), Some(secret)) => Some(OAuthClient { id, secret }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(conflict(
+                "GMAIL_SYNC_OAUTH_CLIENT_SECRET_FILE",
+                "required with GMAIL_SYNC_OAUTH_CLIENT_ID: the OAuth client's secret",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(conflict(
+                "GMAIL_SYNC_OAUTH_CLIENT_ID",
+                "required with an OAuth client secret: the OAuth client's id",
+            ));
+        }
+    };
+    if v.dev_access_token.is_some() && (delegation.is_some() || oauth_client.is_some()) {
+        return Err(conflict(
+            "GMAIL_SYNC_DEV_ACCESS_TOKEN",
+            "a development token cannot be combined with delegation or OAuth client credentials: \
+             unset it",
+        ));
+    }
+    if v.probe_mailbox.is_some() && delegation.is_none() {
+        return Err(conflict(
+            "GMAIL_SYNC_PROBE_MAILBOX",
+            "only used with domain-wide delegation (GMAIL_SYNC_DELEGATION_KEY_FILE or \
+             GMAIL_SYNC_DELEGATION_SERVICE_ACCOUNT)",
+        ));
+    }
+    Ok(AuthSettings {
+        token_url: v.token_url,
+        scopes: v.scopes.0,
+        delegation,
+        oauth_client,
+        probe_mailbox: v.probe_mailbox,
+        dev_access_token: v.dev_access_token,
+    })
 }
 
 /// Startup refused: names the variable and says what is expected.
@@ -555,6 +802,16 @@ impl Environment {
             quarantine_maxlen,
             gmail_api_url,
             dev_access_token,
+            token_url,
+            gmail_scopes,
+            delegation_key_file,
+            delegation_service_account,
+            iam_credentials_url,
+            oauth_client_id,
+            oauth_client_secret,
+            oauth_client_secret_file,
+            probe_mailbox,
+            failure_settle,
             max_concurrent_syncs,
             max_outstanding_messages,
             ack_extension,
@@ -592,6 +849,18 @@ impl Environment {
                 ),
             });
         }
+        let auth = auth_settings(AuthVariables {
+            dev_access_token,
+            token_url,
+            scopes: gmail_scopes,
+            delegation_key_file,
+            delegation_service_account,
+            iam_credentials_url,
+            oauth_client_id,
+            oauth_client_secret,
+            oauth_client_secret_file,
+            probe_mailbox,
+        })?;
         let redis = match redis_cluster {
             Some(cluster) => cluster,
             None => {
@@ -611,9 +880,9 @@ impl Environment {
                 stream_maxlen,
                 quarantine_maxlen,
             },
+            auth,
             gmail: GmailSettings {
                 api_url: gmail_api_url,
-                dev_access_token,
                 request_timeout: gmail_timeout,
                 max_attempts: gmail_max_attempts,
             },
@@ -626,6 +895,7 @@ impl Environment {
                 sync_retries,
             },
             sync: SyncSettings {
+                failure_settle,
                 mailbox_lease,
                 history_page_size,
                 resync_max_messages,
@@ -897,6 +1167,84 @@ fn secret(value: &str) -> Result<Secret, String> {
     Ok(Secret::new(value))
 }
 
+/// Longest secret file read (a key file is ~2.4 KB; anything much larger is the wrong file).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The contents of a secret file; the path is not secret and is named in errors.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("expected a readable file, cannot read {path}: {e}"))?
+        .len();
+    if size > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "expected a small secret file, {path} has {size} bytes"
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+/// A file holding one secret; a trailing newline (as editors and `kubectl create secret
+/// --from-file` leave it) is not part of it.
+fn secret_file(path: &str) -> Result<Secret, String> {
+    let contents = read_secret_file(path)?;
+    let value = contents.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(format!("expected a non-empty secret in {path}"));
+    }
+    Ok(Secret::new(value))
+}
+
+/// A service-account JSON key file, checked for the fields signing needs.
+fn service_account_key_file(path: &str) -> Result<ServiceAccountKey, String> {
+    let contents = read_secret_file(path)?;
+    let json: serde_json::Value = serde_json::from_str(&contents)
+        .map_err(|_| format!("expected a service-account JSON key in {path}, it is not JSON"))?;
+    let field = |name: &str| {
+        json.get(name)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| format!("expected a service-account JSON key in {path}: no {name:?}"))
+    };
+    if field("type")? != "service_account" {
+        return Err(format!(
+            "expected a key of type \"service_account\" in {path} (an OAuth client or user \
+             credential file does not sign delegation assertions)"
+        ));
+    }
+    field("private_key")?;
+    Ok(ServiceAccountKey {
+        client_email: field("client_email")?,
+        private_key_id: field("private_key_id")?,
+        json: Secret::new(contents),
+    })
+}
+
+fn service_account_email(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.contains('@') && !value.contains(char::is_whitespace) {
+        Ok(value.to_string())
+    } else {
+        Err("expected a service account email, NAME@PROJECT.iam.gserviceaccount.com".into())
+    }
+}
+
+fn scopes(value: &str) -> Result<Scopes, String> {
+    let scopes: Vec<String> = value
+        .split([' ', ','])
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if scopes.is_empty() || scopes.iter().any(|s| !s.starts_with("https://")) {
+        return Err("expected space-separated scope URLs, e.g. https://www.googleapis.com/auth/gmail.metadata".into());
+    }
+    Ok(Scopes(scopes))
+}
+
+fn probe_mailbox(value: &str) -> Result<Mailbox, String> {
+    Mailbox::parse(value).map_err(|e| format!("expected an email address ({})", e.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1030,12 +1378,12 @@ mod tests {
         if std::env::var_os(IN_CHILD).is_some() {
             let c = load(&[]).unwrap();
             assert_eq!(c.store.shards, 16);
-            assert!(c.gmail.dev_access_token.is_none());
+            assert!(c.auth.dev_access_token.is_none());
             assert_eq!(load(&[("GMAIL_SYNC_SHARDS", "8")]).unwrap().store.shards, 8);
             let c = Config::from_env().unwrap();
             assert_eq!(c.store.shards, 7);
             assert_eq!(
-                c.gmail.dev_access_token.as_ref().map(Secret::expose),
+                c.auth.dev_access_token.as_ref().map(Secret::expose),
                 Some("from-the-process")
             );
             assert!(!help_table().contains("from-the-process"));

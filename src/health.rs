@@ -3,11 +3,12 @@
 //!
 //! - `live`: the epoch second of the last heartbeat, rewritten every 5 s only while the
 //!   dispatcher loop keeps turning (it bumps a counter at least every 5 s);
-//! - `ready`: present from the end of the startup checks until shutdown begins.
+//! - `ready`: present from the end of the startup checks until shutdown begins, except while
+//!   the failure guard sees a mass failure (a configuration problem: see `failure_guard`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
@@ -17,12 +18,18 @@ pub const MAX_HEARTBEAT_AGE: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub struct Health {
     dir: PathBuf,
+    /// Set for good when shutdown begins: a later readiness check must not bring the file back.
+    stopping: Arc<AtomicBool>,
 }
+
+/// Whether the worker can do its work, asked every heartbeat period.
+pub(crate) type Readiness = Box<dyn Fn() -> Result<(), String> + Send>;
 
 impl Health {
     pub fn new(dir: &Path) -> Health {
         Health {
             dir: dir.to_path_buf(),
+            stopping: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -43,7 +50,29 @@ impl Health {
     }
 
     pub fn mark_not_ready(&self) {
+        self.stopping.store(true, SeqCst);
         let _ = std::fs::remove_file(self.ready_file());
+    }
+
+    /// Follows `readiness` while running: the file goes away while it says no, and comes
+    /// back when it says yes again (never after shutdown began).
+    fn follow(&self, readiness: &Readiness) {
+        if self.stopping.load(SeqCst) {
+            return;
+        }
+        let ready_file = self.ready_file();
+        match readiness() {
+            Ok(()) if !ready_file.exists() => {
+                if let Err(e) = std::fs::write(&ready_file, b"ready\n") {
+                    tracing::warn!(error = %e, "cannot write the readiness file");
+                }
+            }
+            Err(why) if ready_file.exists() => {
+                tracing::warn!(why = %why, "not ready");
+                let _ = std::fs::remove_file(ready_file);
+            }
+            _ => {}
+        }
     }
 
     fn beat(&self) -> std::io::Result<()> {
@@ -57,8 +86,14 @@ impl Health {
         std::fs::rename(tmp, self.live_file())
     }
 
-    /// Rewrites `live` every 5 s while `heartbeat` advances.
-    pub async fn keep_alive(self, heartbeat: Arc<AtomicU64>, stop: CancellationToken) {
+    /// Rewrites `live` every 5 s while `heartbeat` advances, and keeps `ready` in step with
+    /// `readiness`.
+    pub(crate) async fn keep_alive(
+        self,
+        heartbeat: Arc<AtomicU64>,
+        readiness: Readiness,
+        stop: CancellationToken,
+    ) {
         let mut last = heartbeat.load(Relaxed);
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -66,6 +101,7 @@ impl Health {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            self.follow(&readiness);
             let now = heartbeat.load(Relaxed);
             if now != last {
                 last = now;

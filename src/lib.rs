@@ -7,6 +7,7 @@ pub(crate) mod auth;
 pub mod cli;
 pub mod config;
 pub(crate) mod consumer;
+pub(crate) mod failure_guard;
 pub(crate) mod gmail;
 pub(crate) mod health;
 pub mod history_id;

@@ -82,7 +82,7 @@ impl Registry {
     pub async fn from_config(config: &Config) -> anyhow::Result<Registry> {
         let topic = config.require_topic()?;
         let store = crate::app::connect_store(config).await?;
-        let gmail = crate::app::gmail_client(config, Arc::new(Counters::default()))?;
+        let gmail = crate::app::gmail_client(config, &store, Arc::new(Counters::default()))?;
         let policy = SchedulePolicy::new(config.scheduler.clone(), config.store.shards);
         Ok(Registry::new(gmail, store, topic, policy))
     }

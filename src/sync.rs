@@ -13,6 +13,7 @@
 //! it again, so a worker that lost its lease (paused, partitioned) can never write.
 
 use crate::config::SyncSettings;
+use crate::failure_guard::{Blame, SharedGuard, Verdict};
 use crate::gmail::{
     GmailClient, GmailError, HistoryChange, HistoryChangeKind, HistoryPage, ListedMessage,
     REQUESTS_IN_TASK,
@@ -20,8 +21,8 @@ use crate::gmail::{
 use crate::history_id::HistoryId;
 use crate::mailbox::{Mailbox, MailboxLogStyle};
 use crate::store::{
-    AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, ResyncReason, Store,
-    StoreError,
+    AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit,
+    ResyncReason, Store, StoreError,
 };
 use crate::telemetry::Counters;
 use std::future::Future;
@@ -52,6 +53,12 @@ pub enum SyncOutcome {
     Busy {
         cursor: HistoryId,
     },
+    /// Failed for good, but the mailbox is not marked yet (see `failure_guard`): keep the
+    /// notification and try again after `retry_after`.
+    Held {
+        error: SyncError,
+        retry_after: Duration,
+    },
     Failed(SyncError),
 }
 
@@ -77,6 +84,21 @@ impl SyncError {
         }
     }
 
+    /// What a permanent failure says: its cause (mass failures are recognised by it), whose it
+    /// may be, and what marking the mailbox would mean.
+    pub(crate) fn permanent_failure(&self) -> PermanentFailure {
+        match self {
+            SyncError::Gmail(e) => PermanentFailure::of_gmail(e),
+            SyncError::Store(_) | SyncError::ResyncLoop | SyncError::Cancelled => {
+                PermanentFailure {
+                    cause: self.to_string(),
+                    blame: Blame::Mailbox,
+                    kind: AttentionKind::Failed,
+                }
+            }
+        }
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             SyncError::Gmail(e) => e.retry_after(),
@@ -85,7 +107,36 @@ impl SyncError {
     }
 }
 
+/// See [`SyncError::permanent_failure`].
+#[derive(Debug, Clone)]
+pub(crate) struct PermanentFailure {
+    pub cause: String,
+    pub blame: Blame,
+    pub kind: AttentionKind,
+}
+
+impl PermanentFailure {
+    pub(crate) fn of_gmail(e: &GmailError) -> PermanentFailure {
+        let deployment =
+            matches!(e, GmailError::Auth(a) if a.scope() == crate::auth::FailureScope::Deployment);
+        PermanentFailure {
+            cause: e.cause(),
+            blame: if deployment {
+                Blame::Deployment
+            } else {
+                Blame::Mailbox
+            },
+            kind: if e.needs_reauthorization() {
+                AttentionKind::NeedsReauthorization
+            } else {
+                AttentionKind::Failed
+            },
+        }
+    }
+}
+
 pub struct Syncer {
+    guard: SharedGuard,
     gmail: GmailClient,
     store: Store,
     settings: SyncSettings,
@@ -102,12 +153,18 @@ impl Syncer {
         log_style: MailboxLogStyle,
     ) -> Syncer {
         Syncer {
+            guard: SharedGuard::new(settings.failure_settle),
             gmail,
             store,
             settings,
             counters,
             log_style,
         }
+    }
+
+    /// The process's failure guard (the scheduler judges renewal failures with it too).
+    pub(crate) fn guard(&self) -> &SharedGuard {
+        &self.guard
     }
 
     /// Brings `mailbox` up to its latest history (the scheduler's fallback sync of a silent
@@ -180,6 +237,7 @@ impl Syncer {
         match result {
             Ok(progress) => {
                 Counters::inc(&self.counters.syncs);
+                self.guard.succeeded(mailbox);
                 span.in_scope(|| {
                     tracing::debug!(
                         to = %progress.cursor,
@@ -197,33 +255,60 @@ impl Syncer {
             Err(e) => {
                 // Best effort: the TTL frees the lease anyway if this fails.
                 let _ = self.store.release_lease(mailbox, &lease).await;
-                let permanent = !e.is_retryable();
-                let marked = if permanent {
-                    self.store
-                        .mark_attention(mailbox, &e.to_string(), AttentionSource::Sync)
-                        .await
-                } else {
-                    Ok(())
-                };
-                span.in_scope(|| {
-                    if matches!(e, SyncError::Cancelled) {
-                        tracing::info!(gmail_calls, "sync cancelled by shutdown");
-                    } else if !permanent {
-                        Counters::inc(&self.counters.sync_errors_retryable);
-                        tracing::warn!(error = %e, gmail_calls, "sync failed, will retry");
-                    } else {
-                        Counters::inc(&self.counters.sync_errors_permanent);
-                        tracing::error!(
-                            error = %e,
-                            gmail_calls,
-                            "sync failed permanently; mailbox marked as needing attention"
-                        );
+                if e.is_retryable() {
+                    span.in_scope(|| {
+                        if matches!(e, SyncError::Cancelled) {
+                            tracing::info!(gmail_calls, "sync cancelled by shutdown");
+                        } else {
+                            Counters::inc(&self.counters.sync_errors_retryable);
+                            tracing::warn!(error = %e, gmail_calls, "sync failed, will retry");
+                        }
+                    });
+                    return SyncOutcome::Failed(e);
+                }
+                Counters::inc(&self.counters.sync_errors_permanent);
+                let failure = e.permanent_failure();
+                match self.guard.judge(mailbox, &failure.cause, failure.blame) {
+                    Verdict::Mark => {
+                        let marked = self
+                            .store
+                            .mark_attention(
+                                mailbox,
+                                failure.kind,
+                                &e.to_string(),
+                                AttentionSource::Sync,
+                            )
+                            .await;
+                        span.in_scope(|| {
+                            tracing::error!(
+                                error = %e,
+                                attention = failure.kind.as_str(),
+                                gmail_calls,
+                                "sync failed permanently; mailbox marked as needing attention"
+                            );
+                            if let Err(mark) = marked {
+                                tracing::warn!(error = %mark, "could not mark the mailbox as needing attention");
+                            }
+                        });
+                        SyncOutcome::Failed(e)
                     }
-                    if let Err(mark) = marked {
-                        tracing::warn!(error = %mark, "could not mark the mailbox as needing attention");
+                    Verdict::Defer { retry_after } | Verdict::Hold { retry_after } => {
+                        span.in_scope(|| {
+                            tracing::warn!(
+                                error = %e,
+                                cause = %failure.cause,
+                                retry_in_s = retry_after.as_secs(),
+                                gmail_calls,
+                                "sync failed permanently; not marking the mailbox yet (telling a \
+                                 broken mailbox from a broken deployment)"
+                            )
+                        });
+                        SyncOutcome::Held {
+                            error: e,
+                            retry_after,
+                        }
                     }
-                });
-                SyncOutcome::Failed(e)
+                }
             }
         }
     }

@@ -515,7 +515,7 @@ async fn resync(config: &Config, email: &str, json: bool) -> anyhow::Result<Done
     let m = parse_mailbox(email)?;
     let store = crate::app::connect_store(config).await?;
     let counters = Arc::new(Counters::default());
-    let gmail = crate::app::gmail_client(config, counters.clone())?;
+    let gmail = crate::app::gmail_client(config, &store, counters.clone())?;
     let syncer = Syncer::new(
         gmail,
         store,
@@ -552,6 +552,10 @@ async fn resync(config: &Config, email: &str, json: bool) -> anyhow::Result<Done
         SyncOutcome::Failed(e) => (
             false,
             serde_json::json!({"mailbox": m.as_str(), "error": e.to_string(), "retryable": e.is_retryable()}),
+        ),
+        SyncOutcome::Held { error, .. } => (
+            false,
+            serde_json::json!({"mailbox": m.as_str(), "error": format!("{error} (not marked: check the credentials and scopes, then run the command again)"), "retryable": true}),
         ),
     };
     if json {

@@ -311,6 +311,10 @@ fn report_of(outcome: SyncOutcome) -> SyncReport {
         SyncOutcome::NeedsAttention { .. } => SyncReport::NeedsAttention,
         SyncOutcome::Busy { cursor } => SyncReport::Busy { cursor },
         SyncOutcome::Failed(SyncError::Cancelled) => SyncReport::Aborted,
+        // Not marked (yet): keep the notification, try again later.
+        SyncOutcome::Held { retry_after, .. } => SyncReport::Retryable {
+            retry_after: Some(retry_after),
+        },
         SyncOutcome::Failed(e) if e.is_retryable() => SyncReport::Retryable {
             retry_after: e.retry_after(),
         },

@@ -99,6 +99,38 @@ impl GmailError {
         }
     }
 
+    /// A short, stable name of what failed (`403 insufficientPermissions`): the failure guard
+    /// recognises a mass failure by it, so it holds no mailbox-specific text.
+    pub fn cause(&self) -> String {
+        match self {
+            GmailError::HistoryGone => "404 history gone".into(),
+            GmailError::RateLimited { status, reason, .. } => format!("{status} {reason}"),
+            GmailError::Transient { detail, .. } => detail.clone(),
+            GmailError::WatchConflict => "400 watch conflict".into(),
+            GmailError::Unauthorized => "401 with a fresh token".into(),
+            GmailError::Permanent { status, reason, .. } => format!("{status} {reason}"),
+            GmailError::Auth(e) => e.cause().into(),
+        }
+    }
+
+    /// The mailbox's authorization is what failed: Gmail refuses this user (scope not granted
+    /// for it, Gmail disabled for it) or the token is refused. Fixed by re-authorizing it.
+    pub fn needs_reauthorization(&self) -> bool {
+        match self {
+            GmailError::Unauthorized => true,
+            GmailError::Auth(e) => e.scope() == crate::auth::FailureScope::Mailbox,
+            GmailError::Permanent {
+                status,
+                reason,
+                message,
+            } => {
+                (*status == 403 && reason == "insufficientPermissions")
+                    || message.contains("Mail service not enabled")
+            }
+            _ => false,
+        }
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GmailError::RateLimited { retry_after, .. }
@@ -517,7 +549,6 @@ mod tests {
     fn user_urls_escape_the_mailbox_as_one_path_segment() {
         let settings = GmailSettings {
             api_url: "http://127.0.0.1:9/base".into(),
-            dev_access_token: None,
             request_timeout: Duration::from_secs(1),
             max_attempts: 1,
         };

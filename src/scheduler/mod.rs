@@ -24,12 +24,13 @@ mod policy;
 
 pub use policy::SchedulePolicy;
 
+use crate::failure_guard::Verdict;
 use crate::gmail::{GmailClient, GmailError, LabelFilter, Takeover, Watch};
 use crate::mailbox::MailboxLogStyle;
 use crate::store::{
     AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, Store, StoreError, now_ms,
 };
-use crate::sync::{SyncOutcome, Syncer};
+use crate::sync::{PermanentFailure, SyncOutcome, Syncer};
 use crate::telemetry::Counters;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -171,6 +172,7 @@ impl Scheduler {
             match self.renew(item).await {
                 Ok(watch) => {
                     Counters::inc(&self.counters.renewals);
+                    self.syncer.guard().succeeded(mailbox);
                     tracing::debug!(mailbox = %shown, expiration_ms = watch.expiration_ms, "watch renewed");
                     outcome = FinishOutcome::Renewed {
                         expiration_ms: watch.expiration_ms,
@@ -187,21 +189,48 @@ impl Scheduler {
                 }
                 Err(e) => {
                     Counters::inc(&self.counters.renewal_failures);
-                    Counters::inc(&self.counters.attention_marked);
-                    tracing::error!(
-                        mailbox = %shown,
-                        error = %e,
-                        "watch renewal failed permanently; mailbox marked as needing attention"
-                    );
-                    if let Err(mark) = self
-                        .store
-                        .mark_attention(mailbox, &e.to_string(), AttentionSource::Renewal)
-                        .await
+                    let failure = PermanentFailure::of_gmail(&e);
+                    match self
+                        .syncer
+                        .guard()
+                        .judge(mailbox, &failure.cause, failure.blame)
                     {
-                        tracing::warn!(mailbox = %shown, error = %mark, "could not mark the mailbox");
+                        Verdict::Mark => {
+                            Counters::inc(&self.counters.attention_marked);
+                            tracing::error!(
+                                mailbox = %shown,
+                                error = %e,
+                                attention = failure.kind.as_str(),
+                                "watch renewal failed permanently; mailbox marked as needing attention"
+                            );
+                            if let Err(mark) = self
+                                .store
+                                .mark_attention(
+                                    mailbox,
+                                    failure.kind,
+                                    &e.to_string(),
+                                    AttentionSource::Renewal,
+                                )
+                                .await
+                            {
+                                tracing::warn!(mailbox = %shown, error = %mark, "could not mark the mailbox");
+                            }
+                            // Parked by the same script (claim dropped): no finish.
+                            return;
+                        }
+                        Verdict::Defer { .. } | Verdict::Hold { .. } => {
+                            tracing::warn!(
+                                mailbox = %shown,
+                                error = %e,
+                                "watch renewal failed permanently; not marking the mailbox yet \
+                                 (telling a broken mailbox from a broken deployment)"
+                            );
+                            outcome = FinishOutcome::RenewFailed {
+                                retry_base: self.policy.renew_retry_base(),
+                                retry_cap: self.policy.renew_retry_cap(),
+                            };
+                        }
                     }
-                    // Parked by the same script (claim dropped): no finish.
-                    return;
                 }
             }
         }

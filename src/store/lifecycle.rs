@@ -98,6 +98,26 @@ pub enum AttentionSource {
     Renewal,
 }
 
+/// Why a mailbox needs attention: who can fix it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// Its authorization is gone (revoked grant, delegation withdrawn, Gmail disabled for
+    /// the user, no credential): its owner or admin must re-authorize it, then `mailbox add`
+    /// resumes it from its stored cursor.
+    NeedsReauthorization,
+    /// Any other permanent failure (see the reason).
+    Failed,
+}
+
+impl AttentionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttentionKind::NeedsReauthorization => "needs_reauthorization",
+            AttentionKind::Failed => "failed",
+        }
+    }
+}
+
 impl AttentionSource {
     fn as_str(self) -> &'static str {
         match self {
@@ -121,6 +141,8 @@ pub struct MailboxStatus {
     /// When the scheduler next looks at it (epoch ms; none while it needs attention).
     pub next_look_ms: Option<u64>,
     pub attention: Option<String>,
+    /// `needs_reauthorization` or `failed` while it needs attention.
+    pub attention_kind: Option<String>,
     pub labels: Option<String>,
     pub failed_renewals: u32,
     /// Who syncs it right now (`HOST:PID:RANDOM`).
@@ -354,6 +376,7 @@ impl Store {
     pub async fn mark_attention(
         &self,
         mailbox: &Mailbox,
+        kind: AttentionKind,
         reason: &str,
         source: AttentionSource,
     ) -> Result<(), StoreError> {
@@ -370,7 +393,8 @@ impl Store {
                     .arg(&reason)
                     .arg(mailbox.as_str())
                     .arg(self.stream_maxlen)
-                    .arg(source.as_str());
+                    .arg(source.as_str())
+                    .arg(kind.as_str());
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
@@ -526,7 +550,7 @@ impl Store {
 /// ZSCAN's COUNT hint for `mailbox list` (a batch may be larger on small zsets).
 const LIST_SCAN_COUNT: usize = 100;
 
-const STATUS_FIELDS: [&str; 7] = [
+const STATUS_FIELDS: [&str; 8] = [
     "cursor",
     "watch",
     "synced",
@@ -534,6 +558,7 @@ const STATUS_FIELDS: [&str; 7] = [
     "attention",
     "labels",
     "renew_fails",
+    "attention_kind",
 ];
 
 fn status_of(
@@ -559,6 +584,10 @@ fn status_of(
             .and_then(|s| s.parse::<f64>().ok())
             .filter(|s| s.is_finite())
             .map(|s| s as u64),
+        // Marked before kinds existed: a plain failure.
+        attention_kind: attention
+            .as_ref()
+            .map(|_| field(7).unwrap_or_else(|| AttentionKind::Failed.as_str().to_string())),
         attention,
         labels: field(5),
         failed_renewals: number(6).unwrap_or(0) as u32,

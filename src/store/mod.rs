@@ -32,8 +32,8 @@ pub use connection::RedisConnection;
 pub use keys::KeyLayout;
 pub use lease::Lease;
 pub use lifecycle::{
-    AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor, MailboxStatus,
-    WatchPlan,
+    AttentionKind, AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor,
+    MailboxStatus, WatchPlan,
 };
 pub use schema::{ChangeEntry, ChangeKind, ResyncReason, SCHEMA_VERSION};
 

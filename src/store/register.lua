@@ -9,7 +9,7 @@
 local created = redis.call('HSETNX', KEYS[1], 'cursor', ARGV[1])
 -- The baseline is what Gmail had at watch time: as good as a sync, so silence counts from here.
 redis.call('HSETNX', KEYS[1], 'synced', ARGV[7])
-redis.call('HDEL', KEYS[1], 'attention', 'renew_fails')
+redis.call('HDEL', KEYS[1], 'attention', 'attention_kind', 'renew_fails')
 redis.call('HSET', KEYS[1], 'watch', ARGV[2], 'renew', ARGV[3])
 if ARGV[6] == '' then
   redis.call('HDEL', KEYS[1], 'labels')

@@ -334,9 +334,10 @@ async fn a_paused_worker_that_lost_its_lease_cannot_write() {
     }
     let config = bed.config();
     let counters = Arc::new(Counters::default());
+    let store = bed.store().await;
     let syncer = Syncer::new(
-        gmail_sync::app::gmail_client(&config, counters.clone()).unwrap(),
-        bed.store().await,
+        gmail_sync::app::gmail_client(&config, &store, counters.clone()).unwrap(),
+        store,
         config.sync.clone(),
         counters,
         config.log_mailbox,

@@ -4,7 +4,8 @@ use crate::harness::Bed;
 use gmail_sync::history_id::HistoryId;
 use gmail_sync::mailbox::Mailbox;
 use gmail_sync::store::{
-    AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit, StoreError, WatchPlan,
+    AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit,
+    StoreError, WatchPlan,
 };
 use std::time::Duration;
 
@@ -186,7 +187,7 @@ async fn unknown_and_attention_mailboxes_are_reported_by_begin() {
     );
     // Marking an unknown mailbox must not create it.
     store
-        .mark_attention(&m, "x", AttentionSource::Sync)
+        .mark_attention(&m, AttentionKind::Failed, "x", AttentionSource::Sync)
         .await
         .unwrap();
     assert_eq!(store.cursor(&m).await.unwrap(), None);
@@ -196,7 +197,12 @@ async fn unknown_and_attention_mailboxes_are_reported_by_begin() {
         .await
         .unwrap();
     store
-        .mark_attention(&d, "invalid_grant", AttentionSource::Sync)
+        .mark_attention(
+            &d,
+            AttentionKind::NeedsReauthorization,
+            "invalid_grant",
+            AttentionSource::Sync,
+        )
         .await
         .unwrap();
     assert_eq!(
