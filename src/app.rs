@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long startup waits for Redis and Pub/Sub before giving up with a clear error.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+pub(crate) const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
 /// Slack on top of the consumer's own drain bound (shutdown timeout + stream flush) before the
 /// supervisor stops waiting for the workers: their last log lines and lease releases.
 const WORKER_DRAIN_SLACK: Duration = Duration::from_secs(5);

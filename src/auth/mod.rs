@@ -275,16 +275,17 @@ impl Credentials {
         }
         match (&grants.delegation, probe) {
             (Some(delegation), Some(probe)) => {
-                delegation.mint(probe).await.map_err(|e| match e {
+                delegation.mint(probe).await.map_err(|e| match &e {
                     AuthError::Revoked(d) | AuthError::DelegationDenied(d) => {
                         AuthError::Misconfigured(format!(
-                            "delegation refused for the probe mailbox GMAIL_SYNC_PROBE_MAILBOX: \
-                             {d} (authorize the service account's client id for the scopes \
+                            "delegation refused ({}) for the probe mailbox \
+                             GMAIL_SYNC_PROBE_MAILBOX: {d} (authorize the service account's client id for the scopes \
                              GMAIL_SYNC_GMAIL_SCOPES in the Admin console, Security > API \
-                             controls > Domain-wide delegation)"
+                             controls > Domain-wide delegation)",
+                            e.cause()
                         ))
                     }
-                    other => other,
+                    _ => e.clone(),
                 })?;
                 verified.push("a delegation token was minted for the probe mailbox".into());
             }

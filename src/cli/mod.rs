@@ -5,6 +5,7 @@
 //! one mailbox, a probe is unhealthy, the worker could not start); 2 usage or configuration;
 //! 3 the worker stopped because one of its tasks ended.
 
+mod check;
 mod mailbox;
 
 use crate::config::{Config, help_table};
@@ -34,11 +35,19 @@ pub enum Command {
     Mailbox(MailboxCommand),
     /// Exec probe: exit 0 if the worker in this pod is alive (--live) or ready (--ready).
     Health(HealthArgs),
-    /// Validate the configuration and print it (secrets redacted).
-    CheckConfig,
+    /// Print the effective configuration (secrets redacted) and run the startup checks: Redis,
+    /// the Pub/Sub subscription, the Gmail credentials. Exit 2 if a check fails.
+    CheckConfig(CheckConfigArgs),
 }
 
 pub use mailbox::MailboxCommand;
+
+#[derive(Args, Debug)]
+pub struct CheckConfigArgs {
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
 
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
@@ -69,9 +78,9 @@ pub async fn execute(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::CheckConfig => {
-            println!("{config:#?}");
-            0
+        Command::CheckConfig(args) => {
+            crate::telemetry::init_logging(LogTarget::Stderr);
+            check::execute(&config, args.json).await
         }
         Command::Run => {
             crate::telemetry::init_logging(LogTarget::Stdout);

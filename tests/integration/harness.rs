@@ -29,6 +29,8 @@ pub struct BedOptions {
     pub sim: SimConfig,
     pub ack_deadline_secs: i32,
     pub shards: u32,
+    /// More worker variables, after (and over) `TEST_WORKER_ENV`.
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Default for BedOptions {
@@ -38,6 +40,7 @@ impl Default for BedOptions {
             sim: SimConfig::default(),
             ack_deadline_secs: 10,
             shards: 4,
+            worker_env: Vec::new(),
         }
     }
 }
@@ -49,6 +52,9 @@ const TEST_WORKER_ENV: &[(&str, &str)] = &[
     ("GMAIL_SYNC_SUMMARY_INTERVAL_SECS", "0"),
     ("GMAIL_SYNC_MAILBOX_LEASE_MS", "5000"),
     ("GMAIL_SYNC_GMAIL_TIMEOUT_SECS", "5"),
+    // A permanent failure marks its mailbox at once, as the tests of marking expect; the mass
+    // failure test sets its own settle time.
+    ("GMAIL_SYNC_FAILURE_SETTLE_SECS", "0"),
 ];
 
 /// The façade (reachable through `Deref`: `bed.sim`, `bed.topic`, `bed.baselines`,
@@ -95,6 +101,7 @@ impl Bed {
             worker_env: TEST_WORKER_ENV
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
+                .chain(opts.worker_env)
                 .collect(),
         };
         let tb = Testbed::start(label, options)

@@ -9,6 +9,7 @@
 mod ack_and_commit;
 mod bad_input;
 mod cluster;
+mod credentials;
 mod duplicates;
 mod end_to_end;
 mod gmail_errors;

@@ -473,6 +473,9 @@ impl Testbed {
             ("GMAIL_SYNC_SHARDS", self.shards.to_string()),
             ("GMAIL_SYNC_GMAIL_API_URL", self.sim.base_url()),
             ("GMAIL_SYNC_DEV_ACCESS_TOKEN", self.dev_token.clone()),
+            // Used only when a test configures real credentials (delegation, refresh tokens).
+            ("GMAIL_SYNC_TOKEN_URL", self.sim.token_url()),
+            ("GMAIL_SYNC_IAM_CREDENTIALS_URL", self.sim.base_url()),
             ("PUBSUB_EMULATOR_HOST", self.emulator.host_port()),
             (
                 "GMAIL_SYNC_HEALTH_DIR",

@@ -12,6 +12,7 @@
 pub mod bed;
 pub mod check;
 pub mod gmail;
+pub mod keys;
 pub mod process;
 pub mod pubsub;
 pub mod redis_server;

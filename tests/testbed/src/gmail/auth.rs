@@ -27,6 +27,7 @@ pub(crate) enum Principal {
 #[derive(Debug, Clone)]
 struct AccessToken {
     mailbox: String,
+    scope: String,
     expires: Instant,
     /// The refresh token it came from (revoking that revokes this).
     refresh: Option<String>,
@@ -62,6 +63,8 @@ pub(crate) struct Auth {
     pub lifetime: Duration,
     /// Mailboxes whose delegation was withdrawn (JWT grant → `unauthorized_client`).
     denied_delegation: HashSet<String>,
+    delegation_scopes: Option<Vec<String>>,
+    iam: Option<Iam>,
     rng: StdRng,
     pub issued: u64,
 }
@@ -83,6 +86,8 @@ impl Auth {
             client: cfg.oauth_client.clone(),
             lifetime: cfg.token_lifetime,
             denied_delegation: HashSet::new(),
+            delegation_scopes: cfg.delegation_scopes.clone(),
+            iam: cfg.iam_signer.as_ref().map(Iam::new).transpose()?,
             rng: StdRng::seed_from_u64(cfg.seed ^ 0xA11C_E5E5_70CE_4E11),
             issued: 0,
         })
@@ -97,6 +102,31 @@ impl Auth {
             Some(t) if t.expires > Instant::now() => Ok(Principal::Mailbox(t.mailbox.clone())),
             _ => Err(ApiError::invalid_credentials()),
         }
+    }
+
+    /// The scope an issued token was granted (static tokens: every scope).
+    pub fn scope_of(&self, bearer: &str) -> Option<&str> {
+        self.access.get(bearer).map(|t| t.scope.as_str())
+    }
+
+    /// The fake IAM Credentials `signJwt` (keyless signing): checks the caller's bearer and that
+    /// it names the configured service account, then signs `payload` (a JSON claim set) RS256.
+    /// Returns `(keyId, signedJwt)`.
+    pub fn sign_jwt(
+        &self,
+        bearer: Option<&str>,
+        service_account: &str,
+        payload: &str,
+    ) -> Result<(String, String), ApiError> {
+        let Some(iam) = &self.iam else {
+            return Err(ApiError::new(
+                404,
+                "global",
+                "notFound",
+                "gmail-sim: no IAM signer configured",
+            ));
+        };
+        iam.sign_jwt(bearer, service_account, payload)
     }
 
     pub fn add_static_token(&mut self, token: &str) {
@@ -261,6 +291,16 @@ impl Auth {
         email: &str,
         scope: String,
     ) -> Result<TokenResponse, OAuthError> {
+        if let Some(allowed) = &self.delegation_scopes
+            && scope.split(' ').any(|s| !allowed.iter().any(|a| a == s))
+        {
+            return Err(OAuthError::new(
+                401,
+                "unauthorized_client",
+                "Client is unauthorized to retrieve access tokens using this method, or client \
+                 not authorized for any of the scopes requested.",
+            ));
+        }
         if self.denied_delegation.contains(email) {
             return Err(OAuthError::new(
                 401,
@@ -281,6 +321,7 @@ impl Auth {
         self.access.insert(
             token.clone(),
             AccessToken {
+                scope: scope.clone(),
                 mailbox: email.to_string(),
                 expires: Instant::now() + self.lifetime,
                 refresh,
@@ -293,5 +334,69 @@ impl Auth {
             token_type: "Bearer",
             scope,
         }
+    }
+}
+
+/// The fake IAM Credentials API's signer.
+struct Iam {
+    service_account: String,
+    key: jsonwebtoken::EncodingKey,
+    key_id: String,
+    caller: DecodingKey,
+}
+
+impl Iam {
+    fn new(cfg: &super::config::IamSigner) -> anyhow::Result<Iam> {
+        Ok(Iam {
+            service_account: cfg.service_account.clone(),
+            key: jsonwebtoken::EncodingKey::from_rsa_pem(cfg.private_key_pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("gmail-sim: iam_signer.private_key_pem: {e}"))?,
+            key_id: cfg.key_id.clone(),
+            caller: DecodingKey::from_rsa_pem(cfg.caller_public_key_pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("gmail-sim: iam_signer.caller_public_key_pem: {e}"))?,
+        })
+    }
+
+    fn sign_jwt(
+        &self,
+        bearer: Option<&str>,
+        service_account: &str,
+        payload: &str,
+    ) -> Result<(String, String), ApiError> {
+        let unauthenticated = || {
+            ApiError::new(
+                401,
+                "global",
+                "authError",
+                "Request had invalid authentication credentials.",
+            )
+            .with_status("UNAUTHENTICATED")
+        };
+        let bearer = bearer.ok_or_else(unauthenticated)?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.required_spec_claims = HashSet::new();
+        validation.validate_aud = false;
+        jsonwebtoken::decode::<serde_json::Value>(bearer, &self.caller, &validation)
+            .map_err(|_| unauthenticated())?;
+        if service_account != self.service_account {
+            return Err(ApiError::new(
+                403,
+                "global",
+                "forbidden",
+                format!(
+                    "Permission 'iam.serviceAccounts.signJwt' denied on resource (or it may not \
+                     exist): {service_account}"
+                ),
+            )
+            .with_status("PERMISSION_DENIED"));
+        }
+        let claims: serde_json::Value = serde_json::from_str(payload).map_err(|_| {
+            ApiError::invalid("Invalid JSON payload: the payload must be a JSON claim set")
+        })?;
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some(self.key_id.clone());
+        let jwt = jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|e| ApiError::invalid(format!("gmail-sim: cannot sign: {e}")))?;
+        Ok((self.key_id.clone(), jwt))
     }
 }

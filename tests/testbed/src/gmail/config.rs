@@ -79,6 +79,13 @@ pub struct SimConfig {
     pub service_account_public_key_pem: Option<String>,
     /// If set, a delegation JWT's `iss` must equal it.
     pub service_account_email: Option<String>,
+    /// Scopes the Workspace admin authorized for the delegating client (Admin console,
+    /// domain-wide delegation). A delegation JWT asking for any other scope is refused with
+    /// `unauthorized_client`, as Google does. `None`: any scope.
+    pub delegation_scopes: Option<Vec<String>>,
+    /// The fake IAM Credentials `signJwt`: the private key (PKCS#8 PEM) of the service account
+    /// it signs for, that account's email, and the key id it reports. `None`: signJwt is 404.
+    pub iam_signer: Option<IamSigner>,
     /// Seed of every random choice (historyId gaps, ids, drops, delays, bursts).
     pub seed: u64,
     /// historyId increment per change, uniform in [min, max] (Gmail: increasing, not contiguous).
@@ -110,10 +117,25 @@ impl Default for SimConfig {
             oauth_client: None,
             service_account_public_key_pem: None,
             service_account_email: None,
+            delegation_scopes: None,
+            iam_signer: None,
             seed: 0x5EED_6D41_1C0D_E5EE,
             history_id_gap: (1, 20),
             initial_history_id: None,
             history_retention: None,
         }
     }
+}
+
+/// What the fake IAM Credentials endpoint signs with, and whom it lets call it.
+#[derive(Clone, Debug)]
+pub struct IamSigner {
+    /// The service account `signJwt` signs for (`projects/-/serviceAccounts/{this}:signJwt`).
+    pub service_account: String,
+    /// Its private key, PKCS#8 PEM.
+    pub private_key_pem: String,
+    pub key_id: String,
+    /// The caller's credential: the public key (PEM) that verifies the caller's self-signed
+    /// JWT bearer (what Application Default Credentials from a service-account key send).
+    pub caller_public_key_pem: String,
 }

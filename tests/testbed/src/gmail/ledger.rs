@@ -84,6 +84,8 @@ pub enum Endpoint {
     Stop,
     /// The OAuth token endpoint (`POST /token`).
     Token,
+    /// The fake IAM Credentials `signJwt` (keyless delegation signing).
+    IamSignJwt,
 }
 
 impl Endpoint {
@@ -96,7 +98,7 @@ impl Endpoint {
             Endpoint::MessagesGet => 5,
             Endpoint::Watch => 100,
             Endpoint::Stop => 50,
-            Endpoint::Token => 0,
+            Endpoint::Token | Endpoint::IamSignJwt => 0,
         }
     }
 
@@ -110,6 +112,7 @@ impl Endpoint {
             Endpoint::Watch => "users.watch",
             Endpoint::Stop => "users.stop",
             Endpoint::Token => "oauth2.token",
+            Endpoint::IamSignJwt => "iam.serviceAccounts.signJwt",
         }
     }
 }

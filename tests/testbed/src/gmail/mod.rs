@@ -88,7 +88,7 @@ pub(crate) mod server;
 pub mod state;
 pub(crate) mod wire;
 
-pub use config::{QuotaConfig, QuotaErrorStyle, SimConfig};
+pub use config::{IamSigner, QuotaConfig, QuotaErrorStyle, SimConfig};
 pub use errors::{ApiError, OAuthError};
 pub use faults::{FaultAction, FaultId, FaultRule};
 pub use ledger::{

@@ -32,6 +32,7 @@ pub(crate) fn routes() -> Router<Arc<Inner>> {
         .route("/gmail/v1/users/{user}/watch", post(watch))
         .route("/gmail/v1/users/{user}/stop", post(stop))
         .route("/token", post(token))
+        .route("/v1/projects/-/serviceAccounts/{target}", post(sign_jwt))
 }
 
 /// One call in progress; recorded in the ledger when dropped (status 499 if never finished,
@@ -130,6 +131,24 @@ async fn gate(
         Ok(p) => p,
         Err(e) => return Err(call.fail(e)),
     };
+    // A token whose scopes allow no Gmail read (e.g. only gmail.send): Gmail's 403.
+    let scope_ok = inner
+        .auth
+        .lock()
+        .expect("auth")
+        .scope_of(&bearer)
+        .is_none_or(|scope| scope.split(' ').any(|s| GMAIL_READ_SCOPES.contains(&s)));
+    if !scope_ok {
+        return Err(call.fail(
+            ApiError::new(
+                403,
+                "global",
+                "insufficientPermissions",
+                "Request had insufficient authentication scopes.",
+            )
+            .with_status("PERMISSION_DENIED"),
+        ));
+    }
     let email = match (&principal, user) {
         (Principal::Mailbox(m), "me") => m.clone(),
         (Principal::Any, "me") => {
@@ -763,6 +782,44 @@ fn delegation(
         .expect("auth")
         .delegation_grant(&email, scope)?;
     Ok((email, resp))
+}
+
+/// Scopes that allow reading history, labels and watch.
+const GMAIL_READ_SCOPES: [&str; 4] = [
+    "https://www.googleapis.com/auth/gmail.metadata",
+    "https://www.googleapis.com/auth/gmail.readonly",
+    "https://www.googleapis.com/auth/gmail.modify",
+    "https://mail.google.com/",
+];
+
+#[derive(serde::Deserialize)]
+struct SignJwtRequest {
+    payload: String,
+}
+
+/// The fake IAM Credentials `projects/-/serviceAccounts/{email}:signJwt`.
+async fn sign_jwt(
+    State(inner): S,
+    Path(target): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let bearer = bearer_of(&headers);
+    let call = Call::new(&inner, Endpoint::IamSignJwt, bearer.clone());
+    let Some(service_account) = target.strip_suffix(":signJwt") else {
+        return call.fail(ApiError::not_found());
+    };
+    let Ok(request) = serde_json::from_slice::<SignJwtRequest>(&body) else {
+        return call.fail(ApiError::invalid("Invalid JSON payload received."));
+    };
+    let signed = inner.auth.lock().expect("auth").sign_jwt(
+        bearer.as_deref(),
+        service_account,
+        &request.payload,
+    );
+    call.finish(signed.map(|(key_id, signed_jwt)| {
+        json_ok(&serde_json::json!({"keyId": key_id, "signedJwt": signed_jwt}))
+    }))
 }
 
 /// Anything else: Gmail's 404 page as JSON.
