@@ -20,6 +20,9 @@ use std::time::Duration;
 const SUBSCRIPTION: &str = "GMAIL_SYNC_SUBSCRIPTION";
 const TOPIC: &str = "GMAIL_SYNC_TOPIC";
 const REDIS_URL: &str = "GMAIL_SYNC_REDIS_URL";
+/// The token key files, named by `vault` when a file is bad.
+pub(crate) const TOKEN_KEY_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_FILE";
+pub(crate) const TOKEN_KEY_PREVIOUS_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE";
 
 /// Every environment variable gmail-sync reads or documents, in the order `--help` and README.md
 /// list them. A field's doc comment is the variable's meaning, then an `e.g. EXAMPLE` paragraph;
@@ -114,6 +117,22 @@ struct Environment {
     /// e.g. ya29.dev-token
     #[arg(long, env = "GMAIL_SYNC_DEV_ACCESS_TOKEN", hide_env_values = true, value_parser = secret)]
     dev_access_token: Option<Secret>,
+
+    /// File with the key that seals the refresh tokens stored in Redis: one line, the base64 of
+    /// 32 random bytes, made by `gmail-sync keys generate`; new tokens are always sealed with it
+    ///
+    /// e.g. /var/secrets/token-key/current
+    // Only the path is configuration: `vault::Vault::from_config` reads the file, so a bad
+    // file is refused naming this variable.
+    #[arg(long, env = TOKEN_KEY_FILE)]
+    token_key_file: Option<PathBuf>,
+
+    /// File with the previous token key, still read during a key rotation until `gmail-sync
+    /// keys rotate` has resealed every token; requires GMAIL_SYNC_TOKEN_KEY_FILE
+    ///
+    /// e.g. /var/secrets/token-key-previous/key
+    #[arg(long, env = TOKEN_KEY_PREVIOUS_FILE)]
+    token_key_previous_file: Option<PathBuf>,
 
     /// Mailbox syncs running at once in one process (1-10000)
     ///
@@ -355,9 +374,16 @@ struct Environment {
     rust_log: String,
 }
 
-/// A value that must never be printed: `Debug` shows `[redacted]` (invariant I7).
+/// A value that must never be printed: `Debug` shows `[redacted]` (invariant I7). Its memory
+/// is wiped when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -425,6 +451,7 @@ pub struct Config {
     pub consumer: ConsumerSettings,
     pub sync: SyncSettings,
     pub scheduler: SchedulerSettings,
+    pub token_keys: TokenKeySettings,
     pub summary_interval: Option<Duration>,
     pub log_mailbox: MailboxLogStyle,
     pub health_dir: std::path::PathBuf,
@@ -474,6 +501,15 @@ pub struct SchedulerSettings {
     pub fallback_jitter: Duration,
     pub tick: Duration,
     pub warn_horizon: Duration,
+}
+
+/// Where the keys of the refresh-token vault are (`vault::Vault::from_config` reads them).
+#[derive(Clone, Debug, Default)]
+pub struct TokenKeySettings {
+    /// Seals new values and opens values sealed with it; `None`: no vault.
+    pub current_file: Option<PathBuf>,
+    /// Only opens values (during a rotation).
+    pub previous_file: Option<PathBuf>,
 }
 
 /// Startup refused: names the variable and says what is expected.
@@ -555,6 +591,8 @@ impl Environment {
             quarantine_maxlen,
             gmail_api_url,
             dev_access_token,
+            token_key_file,
+            token_key_previous_file,
             max_concurrent_syncs,
             max_outstanding_messages,
             ack_extension,
@@ -589,6 +627,15 @@ impl Environment {
                     "expected less than GMAIL_SYNC_RENEW_INTERVAL_SECS ({}), got {}",
                     renew_interval.as_secs(),
                     renew_jitter.as_secs()
+                ),
+            });
+        }
+        if token_key_previous_file.is_some() && token_key_file.is_none() {
+            return Err(ConfigError {
+                name: TOKEN_KEY_PREVIOUS_FILE,
+                problem: format!(
+                    "requires {TOKEN_KEY_FILE} (the current key, which seals new tokens); \
+                     during a rotation both are set"
                 ),
             });
         }
@@ -639,6 +686,10 @@ impl Environment {
                 fallback_jitter,
                 tick: scheduler_tick,
                 warn_horizon: watch_warn_horizon,
+            },
+            token_keys: TokenKeySettings {
+                current_file: token_key_file,
+                previous_file: token_key_previous_file,
             },
             summary_interval: (!summary_interval.is_zero()).then_some(summary_interval),
             log_mailbox,
@@ -1208,6 +1259,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_previous_token_key_needs_a_current_one() {
+        let err = load(&[("GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE", "/keys/old")]).unwrap_err();
+        assert_eq!(err.name, "GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE");
+        assert!(err.problem.contains("GMAIL_SYNC_TOKEN_KEY_FILE"), "{err}");
+        let c = load(&[
+            ("GMAIL_SYNC_TOKEN_KEY_FILE", "/keys/new"),
+            ("GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE", "/keys/old"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.token_keys.current_file.as_deref(),
+            Some(std::path::Path::new("/keys/new"))
+        );
+        assert!(c.token_keys.previous_file.is_some());
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod store;
 mod supervisor;
 pub mod sync;
 pub mod telemetry;
+pub mod vault;

@@ -2,9 +2,12 @@
 //! Job; there is no HTTP admin port). Configuration comes only from the environment.
 //!
 //! Exit codes (README, "Exit codes"): 0 ok; 1 failed (a mailbox command failed for at least
-//! one mailbox, a probe is unhealthy, the worker could not start); 2 usage or configuration;
-//! 3 the worker stopped because one of its tasks ended.
+//! one mailbox, `keys rotate` could not reseal some credential, a probe is unhealthy, the worker
+//! could not start); 2 usage or configuration (including a bad token key file); 3 the worker
+//! stopped because one of its tasks ended.
 
+pub(crate) mod credential;
+mod keys;
 mod mailbox;
 
 use crate::config::{Config, help_table};
@@ -32,12 +35,16 @@ pub enum Command {
     /// Manage mailboxes.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Manage the keys that seal stored refresh tokens.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Exec probe: exit 0 if the worker in this pod is alive (--live) or ready (--ready).
     Health(HealthArgs),
     /// Validate the configuration and print it (secrets redacted).
     CheckConfig,
 }
 
+pub use keys::KeysCommand;
 pub use mailbox::MailboxCommand;
 
 #[derive(Args, Debug)]
@@ -71,9 +78,24 @@ pub async fn execute(cli: Cli) -> i32 {
         }
         Command::CheckConfig => {
             println!("{config:#?}");
-            0
+            match crate::vault::Vault::from_config(&config.token_keys) {
+                Ok(vault) => {
+                    println!("token keys: {vault:?}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("gmail-sync: {e}");
+                    2
+                }
+            }
         }
         Command::Run => {
+            // The token key files are read at startup, so a bad one stops it naming its
+            // variable (exit 2) rather than failing each mailbox later.
+            if let Err(e) = crate::vault::Vault::from_config(&config.token_keys) {
+                eprintln!("gmail-sync: {e}");
+                return 2;
+            }
             crate::telemetry::init_logging(LogTarget::Stdout);
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
@@ -88,6 +110,10 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Mailbox(command) => {
             crate::telemetry::init_logging(LogTarget::Stderr);
             mailbox::execute(&config, command).await
+        }
+        Command::Keys(command) => {
+            crate::telemetry::init_logging(LogTarget::Stderr);
+            keys::execute(&config, command).await
         }
     }
 }
