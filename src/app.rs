@@ -3,16 +3,19 @@
 //!
 //! `run(config, shutdown, counters)` is what `main` calls; tests call it the same way.
 
-use crate::auth::Credentials;
+use crate::auth::refresh::{LookupFuture, StoredRefreshTokens};
+use crate::auth::{AuthError, Credentials};
 use crate::config::Config;
 use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
 use crate::health::Health;
+use crate::mailbox::Mailbox;
 use crate::scheduler::{SchedulePolicy, Scheduler};
 use crate::store::Store;
 use crate::supervisor::{StopCause, Supervisor, TaskEnd, Tier};
 use crate::sync::Syncer;
 use crate::telemetry::Counters;
+use crate::vault::{Vault, VaultError};
 use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -229,14 +232,37 @@ pub fn gmail_client(
     GmailClient::new(&config.gmail, credentials.token_source(), counters).map_err(AppError::Startup)
 }
 
-/// Refresh tokens as stored in Redis.
-// Until the vault lands every mailbox reads as having none (delegation is used).
-impl crate::auth::refresh::StoredRefreshTokens for Store {
-    fn refresh_token<'a>(
-        &'a self,
-        _mailbox: &'a crate::mailbox::Mailbox,
-    ) -> crate::auth::refresh::LookupFuture<'a> {
-        Box::pin(async { Ok(None) })
+/// Refresh tokens as stored in Redis, sealed by the vault.
+struct SealedRefreshTokens {
+    store: Store,
+    vault: Option<Vault>,
+}
+
+impl StoredRefreshTokens for SealedRefreshTokens {
+    fn refresh_token<'a>(&'a self, mailbox: &'a Mailbox) -> LookupFuture<'a> {
+        Box::pin(async move {
+            let sealed = self.store.credential(mailbox).await.map_err(|e| {
+                AuthError::Transient(format!("reading the stored refresh token: {e}"))
+            })?;
+            let Some(sealed) = sealed else {
+                return Ok(None);
+            };
+            let Some(vault) = &self.vault else {
+                return Err(AuthError::Misconfigured(format!(
+                    "refresh tokens are stored but {} is not set: configure the key they were \
+                     sealed with",
+                    crate::config::TOKEN_KEY_FILE
+                )));
+            };
+            vault.open(mailbox, &sealed).map(Some).map_err(|e| match e {
+                // No configured key opens it: the deployment's keys are wrong, not the mailbox.
+                VaultError::UnknownKey { .. } => AuthError::Misconfigured(e.to_string()),
+                // This mailbox's value is damaged: store its token again.
+                VaultError::Tampered { .. } | VaultError::Malformed(_) => {
+                    AuthError::NoCredential(e.to_string())
+                }
+            })
+        })
     }
 }
 
@@ -244,7 +270,13 @@ pub(crate) fn credentials(config: &Config, store: &Store) -> Result<Credentials,
     if config.auth.dev_access_token.is_some() {
         tracing::warn!("using GMAIL_SYNC_DEV_ACCESS_TOKEN for every mailbox: for development only");
     }
-    Credentials::new(&config.auth, Arc::new(store.clone())).map_err(AppError::Credentials)
+    let vault = Vault::from_config(&config.token_keys)
+        .map_err(|e| AppError::Credentials(AuthError::Misconfigured(e.to_string())))?;
+    let stored = SealedRefreshTokens {
+        store: store.clone(),
+        vault,
+    };
+    Credentials::new(&config.auth, Arc::new(stored)).map_err(AppError::Credentials)
 }
 
 /// Proves the credentials work before anything is consumed (see `Credentials::check`).

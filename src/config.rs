@@ -20,6 +20,9 @@ use std::time::Duration;
 const SUBSCRIPTION: &str = "GMAIL_SYNC_SUBSCRIPTION";
 const TOPIC: &str = "GMAIL_SYNC_TOPIC";
 const REDIS_URL: &str = "GMAIL_SYNC_REDIS_URL";
+/// The token key files, named by `vault` when a file is bad.
+pub(crate) const TOKEN_KEY_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_FILE";
+pub(crate) const TOKEN_KEY_PREVIOUS_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE";
 
 /// Every environment variable gmail-sync reads or documents, in the order `--help` and README.md
 /// list them. A field's doc comment is the variable's meaning, then an `e.g. EXAMPLE` paragraph;
@@ -194,6 +197,22 @@ struct Environment {
         value_parser = seconds(0, 86_400)
     )]
     failure_settle: Duration,
+
+    /// File with the key that seals the refresh tokens stored in Redis: one line, the base64 of
+    /// 32 random bytes, made by `gmail-sync keys generate`; new tokens are always sealed with it
+    ///
+    /// e.g. /var/secrets/token-key/current
+    // Only the path is configuration: `vault::Vault::from_config` reads the file, so a bad
+    // file is refused naming this variable.
+    #[arg(long, env = TOKEN_KEY_FILE)]
+    token_key_file: Option<PathBuf>,
+
+    /// File with the previous token key, still read during a key rotation until `gmail-sync
+    /// keys rotate` has resealed every token; requires GMAIL_SYNC_TOKEN_KEY_FILE
+    ///
+    /// e.g. /var/secrets/token-key-previous/key
+    #[arg(long, env = TOKEN_KEY_PREVIOUS_FILE)]
+    token_key_previous_file: Option<PathBuf>,
 
     /// Mailbox syncs running at once in one process (1-10000)
     ///
@@ -435,9 +454,16 @@ struct Environment {
     rust_log: String,
 }
 
-/// A value that must never be printed: `Debug` shows `[redacted]` (invariant I7).
+/// A value that must never be printed: `Debug` shows `[redacted]` (invariant I7). Its memory
+/// is wiped when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -506,6 +532,7 @@ pub struct Config {
     pub consumer: ConsumerSettings,
     pub sync: SyncSettings,
     pub scheduler: SchedulerSettings,
+    pub token_keys: TokenKeySettings,
     pub summary_interval: Option<Duration>,
     pub log_mailbox: MailboxLogStyle,
     pub health_dir: std::path::PathBuf,
@@ -723,6 +750,15 @@ fn auth_settings(v: AuthVariables) -> Result<AuthSettings, ConfigError> {
     })
 }
 
+/// Where the keys of the refresh-token vault are (`vault::Vault::from_config` reads them).
+#[derive(Clone, Debug, Default)]
+pub struct TokenKeySettings {
+    /// Seals new values and opens values sealed with it; `None`: no vault.
+    pub current_file: Option<PathBuf>,
+    /// Only opens values (during a rotation).
+    pub previous_file: Option<PathBuf>,
+}
+
 /// Startup refused: names the variable and says what is expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {name}: {problem}")]
@@ -812,6 +848,8 @@ impl Environment {
             oauth_client_secret_file,
             probe_mailbox,
             failure_settle,
+            token_key_file,
+            token_key_previous_file,
             max_concurrent_syncs,
             max_outstanding_messages,
             ack_extension,
@@ -861,6 +899,15 @@ impl Environment {
             oauth_client_secret_file,
             probe_mailbox,
         })?;
+        if token_key_previous_file.is_some() && token_key_file.is_none() {
+            return Err(ConfigError {
+                name: TOKEN_KEY_PREVIOUS_FILE,
+                problem: format!(
+                    "requires {TOKEN_KEY_FILE} (the current key, which seals new tokens); \
+                     during a rotation both are set"
+                ),
+            });
+        }
         let redis = match redis_cluster {
             Some(cluster) => cluster,
             None => {
@@ -909,6 +956,10 @@ impl Environment {
                 fallback_jitter,
                 tick: scheduler_tick,
                 warn_horizon: watch_warn_horizon,
+            },
+            token_keys: TokenKeySettings {
+                current_file: token_key_file,
+                previous_file: token_key_previous_file,
             },
             summary_interval: (!summary_interval.is_zero()).then_some(summary_interval),
             log_mailbox,
@@ -1556,6 +1607,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_previous_token_key_needs_a_current_one() {
+        let err = load(&[("GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE", "/keys/old")]).unwrap_err();
+        assert_eq!(err.name, "GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE");
+        assert!(err.problem.contains("GMAIL_SYNC_TOKEN_KEY_FILE"), "{err}");
+        let c = load(&[
+            ("GMAIL_SYNC_TOKEN_KEY_FILE", "/keys/new"),
+            ("GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE", "/keys/old"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.token_keys.current_file.as_deref(),
+            Some(std::path::Path::new("/keys/new"))
+        );
+        assert!(c.token_keys.previous_file.is_some());
     }
 
     #[test]

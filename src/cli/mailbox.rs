@@ -1,17 +1,23 @@
 //! `gmail-sync mailbox ...`: add, import, remove, list, status, resync.
 //!
+//! `add EMAIL --refresh-token-file FILE|-` first seals and stores the mailbox's refresh token
+//! (`credential::store_refresh_token`), then registers it as without; `status` shows whether a
+//! token is stored and which key sealed it, never the value.
+//!
 //! Human-readable output on stdout by default; `--json` prints JSON instead (one object per
 //! mailbox and line for add/remove, one document otherwise). Progress and warnings go to
 //! stderr. Exit code 0 when every mailbox succeeded, 1 when any failed (each failure says what
 //! to do next), 2 for usage errors (clap's own).
 
-use crate::config::Config;
+use super::credential::store_refresh_token;
+use crate::config::{Config, TOKEN_KEY_FILE};
 use crate::gmail::{LabelFilter, LabelFilterBehavior};
 use crate::mailbox::Mailbox;
 use crate::registry::{Registry, RegistryError};
 use crate::store::{ListCursor, MailboxStatus, now_ms};
 use crate::sync::{SyncOutcome, Syncer};
 use crate::telemetry::Counters;
+use crate::vault::{Vault, sealed_key_id};
 use clap::{Args, Subcommand, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
@@ -27,6 +33,11 @@ pub enum MailboxCommand {
         /// Gmail addresses.
         #[arg(required = true)]
         emails: Vec<String>,
+        /// The mailbox's OAuth refresh token, read from FILE or `-` (stdin), never from the
+        /// command line: sealed with GMAIL_SYNC_TOKEN_KEY_FILE and stored before users.watch.
+        /// One EMAIL only.
+        #[arg(long, value_name = "FILE|-")]
+        refresh_token_file: Option<String>,
         #[command(flatten)]
         filter: FilterArgs,
         #[command(flatten)]
@@ -94,7 +105,7 @@ pub struct FilterArgs {
 pub struct OutputArgs {
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -131,9 +142,19 @@ pub async fn execute(config: &Config, command: MailboxCommand) -> i32 {
     let result = match command {
         MailboxCommand::Add {
             emails,
+            refresh_token_file,
             filter,
             output,
-        } => add(config, &emails, filter.filter(), output.json).await,
+        } => {
+            let token = match refresh_token_file {
+                None => None,
+                Some(source) => match token_vault(config, &emails) {
+                    Ok(vault) => Some((source, vault)),
+                    Err(code) => return code,
+                },
+            };
+            add(config, &emails, token, filter.filter(), output.json).await
+        }
         MailboxCommand::Import {
             file,
             filter,
@@ -164,6 +185,32 @@ pub async fn execute(config: &Config, command: MailboxCommand) -> i32 {
         Err(e) => {
             eprintln!("gmail-sync: {e:#}");
             1
+        }
+    }
+}
+
+/// The vault `add --refresh-token-file` seals with, or the exit code of a usage or
+/// configuration error (2), already explained on stderr.
+fn token_vault(config: &Config, emails: &[String]) -> Result<Vault, i32> {
+    if emails.len() != 1 {
+        eprintln!(
+            "gmail-sync: --refresh-token-file holds the token of one mailbox: give exactly one \
+             EMAIL (run `mailbox add` once per mailbox)"
+        );
+        return Err(2);
+    }
+    match Vault::from_config(&config.token_keys) {
+        Ok(Some(vault)) => Ok(vault),
+        Ok(None) => {
+            eprintln!(
+                "gmail-sync: {TOKEN_KEY_FILE} is not set: --refresh-token-file needs the key \
+                 that seals the token (make one with `gmail-sync keys generate --out FILE`)"
+            );
+            Err(2)
+        }
+        Err(e) => {
+            eprintln!("gmail-sync: {e}");
+            Err(2)
         }
     }
 }
@@ -208,9 +255,11 @@ fn next_step(e: &RegistryError) -> &'static str {
     }
 }
 
+/// `token`: where the (one) mailbox's refresh token is read from, and the vault that seals it.
 async fn add(
     config: &Config,
     emails: &[String],
+    token: Option<(String, Vault)>,
     filter: Option<LabelFilter>,
     json: bool,
 ) -> anyhow::Result<Done> {
@@ -219,6 +268,11 @@ async fn add(
         .map(|e| parse_mailbox(e))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let registry = Registry::from_config(config).await?;
+    // Stored first: users.watch below authenticates as the mailbox with this token.
+    if let (Some((source, vault)), [m]) = (&token, mailboxes.as_slice()) {
+        let key_id = store_refresh_token(registry.store(), vault, m, source).await?;
+        eprintln!("{m}: refresh token stored, sealed with key id {key_id}");
+    }
     let mut failed = false;
     for m in &mailboxes {
         match registry.add(m, filter.as_ref()).await {
@@ -397,6 +451,38 @@ struct Shown {
     status: StatusFilter,
     /// When the next fallback sync is due if no sync happens before (epoch s).
     next_fallback_sync_s: Option<u64>,
+    credential: CredentialShown,
+}
+
+/// Whether a refresh token is stored, and which key sealed it; never the value.
+#[derive(serde::Serialize)]
+struct CredentialShown {
+    stored: bool,
+    key_id: Option<String>,
+    /// Set when the stored value's header is not one this build reads.
+    problem: Option<String>,
+}
+
+impl CredentialShown {
+    fn of(sealed: Option<&[u8]>) -> CredentialShown {
+        let parsed = sealed.map(sealed_key_id);
+        CredentialShown {
+            stored: sealed.is_some(),
+            key_id: parsed
+                .as_ref()
+                .and_then(|p| p.as_ref().ok())
+                .map(ToString::to_string),
+            problem: parsed.and_then(|p| p.err()).map(|e| e.to_string()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (&self.key_id, &self.problem) {
+            (Some(id), _) => format!("stored (sealed with key id {id})"),
+            (None, Some(problem)) => format!("stored, unreadable: {problem}"),
+            (None, None) => "none".to_string(),
+        }
+    }
 }
 
 fn shown(config: &Config, stored: MailboxStatus) -> Shown {
@@ -414,10 +500,12 @@ fn shown(config: &Config, stored: MailboxStatus) -> Shown {
             .last_sync_s
             .map(|s| s + config.scheduler.fallback_silence.as_secs()),
     };
+    let credential = CredentialShown::of(stored.credential.as_deref());
     Shown {
         stored,
         status,
         next_fallback_sync_s,
+        credential,
     }
 }
 
@@ -496,10 +584,14 @@ async fn status(config: &Config, email: &str, json: bool) -> anyhow::Result<Done
         "label filter:      {}",
         s.stored.labels.as_deref().unwrap_or("(whole mailbox)")
     );
-    println!(
-        "attention:         {}",
-        s.stored.attention.as_deref().unwrap_or("-")
-    );
+    match (&s.stored.attention_kind, &s.stored.attention) {
+        (Some(kind), Some(reason)) if kind == "needs_reauthorization" => println!(
+            "attention:         needs reauthorization: {reason}\n                   \
+             (re-authorize it, then `gmail-sync mailbox add {}`: it resumes from its cursor)",
+            s.stored.mailbox
+        ),
+        (_, reason) => println!("attention:         {}", reason.as_deref().unwrap_or("-")),
+    }
     println!(
         "lease holder:      {}",
         s.stored.lease_holder.as_deref().unwrap_or("-")
@@ -508,6 +600,7 @@ async fn status(config: &Config, email: &str, json: bool) -> anyhow::Result<Done
         "claim holder:      {}",
         s.stored.claim_holder.as_deref().unwrap_or("-")
     );
+    println!("refresh token:     {}", s.credential.describe());
     Ok(Done::AllOk)
 }
 

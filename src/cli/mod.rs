@@ -2,10 +2,13 @@
 //! Job; there is no HTTP admin port). Configuration comes only from the environment.
 //!
 //! Exit codes (README, "Exit codes"): 0 ok; 1 failed (a mailbox command failed for at least
-//! one mailbox, a probe is unhealthy, the worker could not start); 2 usage or configuration;
-//! 3 the worker stopped because one of its tasks ended.
+//! one mailbox, `keys rotate` could not reseal some credential, a probe is unhealthy, the worker
+//! could not start); 2 usage or configuration (including a bad token key file); 3 the worker
+//! stopped because one of its tasks ended.
 
 mod check;
+pub(crate) mod credential;
+mod keys;
 mod mailbox;
 
 use crate::config::{Config, help_table};
@@ -33,6 +36,9 @@ pub enum Command {
     /// Manage mailboxes.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Manage the keys that seal stored refresh tokens.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Exec probe: exit 0 if the worker in this pod is alive (--live) or ready (--ready).
     Health(HealthArgs),
     /// Print the effective configuration (secrets redacted) and run the startup checks: Redis,
@@ -40,6 +46,7 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
 }
 
+pub use keys::KeysCommand;
 pub use mailbox::MailboxCommand;
 
 #[derive(Args, Debug)]
@@ -83,6 +90,12 @@ pub async fn execute(cli: Cli) -> i32 {
             check::execute(&config, args.json).await
         }
         Command::Run => {
+            // The token key files are read at startup, so a bad one stops it naming its
+            // variable (exit 2) rather than failing each mailbox later.
+            if let Err(e) = crate::vault::Vault::from_config(&config.token_keys) {
+                eprintln!("gmail-sync: {e}");
+                return 2;
+            }
             crate::telemetry::init_logging(LogTarget::Stdout);
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
@@ -97,6 +110,10 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Mailbox(command) => {
             crate::telemetry::init_logging(LogTarget::Stderr);
             mailbox::execute(&config, command).await
+        }
+        Command::Keys(command) => {
+            crate::telemetry::init_logging(LogTarget::Stderr);
+            keys::execute(&config, command).await
         }
     }
 }

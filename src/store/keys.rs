@@ -74,6 +74,17 @@ impl KeyLayout {
         format!("{}:claim:{}", self.tag(self.shard_of(mailbox)), mailbox)
     }
 
+    /// The shard's sealed refresh tokens (`vault`): a hash, field = mailbox, value = the sealed
+    /// bytes. One hash per shard rather than a key per mailbox, so `keys rotate` walks every
+    /// credential with HSCAN per shard (no cluster-wide SCAN, no index to keep in step).
+    pub fn credentials(&self, shard: u32) -> String {
+        format!("{}:credentials", self.tag(shard))
+    }
+
+    pub fn credentials_of(&self, mailbox: &Mailbox) -> String {
+        self.credentials(self.shard_of(mailbox))
+    }
+
     pub fn shards(&self) -> u32 {
         self.shards
     }
@@ -104,6 +115,7 @@ mod tests {
             k.schedule_of(&m),
             k.renewal_failing_of(&m),
             k.claim(&m),
+            k.credentials_of(&m),
         ] {
             assert!(key.starts_with(&tag), "{key}");
         }

@@ -149,6 +149,10 @@ pub struct MailboxStatus {
     pub lease_holder: Option<String>,
     /// Who renews or fallback-syncs it right now.
     pub claim_holder: Option<String>,
+    /// Its sealed refresh token, if one is stored: `mailbox status` shows the key id from its
+    /// header (`vault::sealed_key_id`), never the value.
+    #[serde(skip)]
+    pub credential: Option<Vec<u8>>,
 }
 
 /// Where `mailbox list` continues: shard, ZSCAN cursor, entries of that batch already shown.
@@ -401,8 +405,8 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the mailbox's state, lease, claim and schedule entries and writes a
-    /// `mailbox_removed` entry. False if it was not registered.
+    /// Deletes the mailbox's state, lease, claim, schedule entries and stored credential and
+    /// writes a `mailbox_removed` entry. False if it was not registered.
     pub async fn remove(&self, mailbox: &Mailbox) -> Result<bool, StoreError> {
         let removed: i64 = self
             .conn
@@ -414,6 +418,7 @@ impl Store {
                     .key(self.keys.schedule_of(mailbox))
                     .key(self.keys.renewal_failing_of(mailbox))
                     .key(self.keys.stream_of(mailbox))
+                    .key(self.keys.credentials_of(mailbox))
                     .arg(mailbox.as_str())
                     .arg(self.stream_maxlen);
                 async move { inv.invoke_async(&mut c).await }
@@ -429,9 +434,10 @@ impl Store {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<Vec<u8>>,
         );
-        // One round trip: all four keys share the mailbox's hash tag (one node in a cluster).
-        let (fields, lease, claim, score): Reply = self
+        // One round trip: all five keys share the mailbox's hash tag (one node in a cluster).
+        let (fields, lease, claim, score, credential): Reply = self
             .conn
             .retrying(|mut c| {
                 let mut pipe = redis::pipe();
@@ -444,11 +450,18 @@ impl Store {
                     .arg(self.keys.claim(mailbox))
                     .cmd("ZSCORE")
                     .arg(self.keys.schedule_of(mailbox))
+                    .arg(mailbox.as_str())
+                    .cmd("HGET")
+                    .arg(self.keys.credentials_of(mailbox))
                     .arg(mailbox.as_str());
                 async move { pipe.query_async(&mut c).await }
             })
             .await?;
-        status_of(mailbox.as_str(), &fields, lease, claim, score)
+        let status = status_of(mailbox.as_str(), &fields, lease, claim, score)?;
+        Ok(status.map(|status| MailboxStatus {
+            credential,
+            ..status
+        }))
     }
 
     /// One page of registered mailboxes, shard by shard; `None` as next cursor at the end.
@@ -593,6 +606,7 @@ fn status_of(
         failed_renewals: number(6).unwrap_or(0) as u32,
         lease_holder: lease,
         claim_holder: claim,
+        credential: None,
     }))
 }
 

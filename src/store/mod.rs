@@ -16,6 +16,7 @@
 //! | `{P:sN}:schedule` | zset | every registered EMAIL, scored by when the scheduler next looks at it (epoch ms; `+inf` while it needs attention) |
 //! | `{P:sN}:renew-failing` | zset | EMAIL whose last renewal failed, scored by watch expiration (epoch ms) |
 //! | `{P:sN}:renew-budget` | string | renewals claimed in the shard in the current minute |
+//! | `{P:sN}:credentials` | hash | EMAIL → its refresh token sealed by `vault` (raw bytes, layout v1: version, key id, nonce, ciphertext + tag); only mailboxes added with a refresh token |
 //!
 //! Field names are short and times in seconds on purpose: an idle mailbox (state hash plus its
 //! schedule entry) stays within 300 bytes of Redis memory (300 B measured by
@@ -23,12 +24,14 @@
 //! | `{P}:quarantine` | stream | malformed notifications: `reason`, `data` (original bytes), `message_id`, `publish_time`, `received_at` |
 
 mod connection;
+mod credential;
 mod keys;
 mod lease;
 mod lifecycle;
 mod schema;
 
 pub use connection::RedisConnection;
+pub use credential::{CredentialPage, Replaced};
 pub use keys::KeyLayout;
 pub use lease::Lease;
 pub use lifecycle::{

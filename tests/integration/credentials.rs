@@ -420,3 +420,285 @@ async fn a_mass_failure_marks_no_mailbox_and_keeps_the_notifications() {
     bed.check_against_ledger().await.unwrap();
     fixed.stop().await.unwrap();
 }
+
+const CLIENT_ID: &str = "1234-testbed.apps.googleusercontent.com";
+const CLIENT_SECRET: &str = "GOCSPX-client-secret-never-log-me";
+
+/// A bed in refresh-token mode: the simulator knows the OAuth client; the worker has its id,
+/// its secret (from a file) and a token key.
+async fn refresh_token_bed(label: &str, dir: &Path) -> (Bed, PathBuf) {
+    let (key_text, _) = gmail_sync::vault::generate_key_file();
+    let key = dir.join("token-key");
+    std::fs::write(&key, key_text.as_bytes()).unwrap();
+    let secret = dir.join("client-secret");
+    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+    let bed = Bed::with(
+        label,
+        BedOptions {
+            sim: SimConfig {
+                oauth_client: Some((CLIENT_ID.into(), CLIENT_SECRET.into())),
+                ..SimConfig::default()
+            },
+            worker_env: env(&[
+                ("GMAIL_SYNC_DEV_ACCESS_TOKEN", ""),
+                ("GMAIL_SYNC_OAUTH_CLIENT_ID", CLIENT_ID),
+                (
+                    "GMAIL_SYNC_OAUTH_CLIENT_SECRET_FILE",
+                    &secret.display().to_string(),
+                ),
+                ("GMAIL_SYNC_TOKEN_KEY_FILE", &key.display().to_string()),
+            ]),
+            ..BedOptions::default()
+        },
+    )
+    .await;
+    (bed, key)
+}
+
+/// `mailbox add EMAIL --refresh-token-file FILE` as an operator runs it, after the owner
+/// authorized the app (the simulator learns the refresh token).
+fn register_with_refresh_token(
+    bed: &mut Bed,
+    dir: &Path,
+    email: &str,
+    token: &str,
+    outputs: &mut Vec<String>,
+) {
+    if !bed.sim.has_mailbox(email) {
+        bed.sim.add_mailbox(email);
+    }
+    bed.sim.add_refresh_token(token, email);
+    let file = dir.join(format!("{email}.token"));
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let out = cli(
+        bed,
+        &[
+            "mailbox",
+            "add",
+            email,
+            "--refresh-token-file",
+            &file.display().to_string(),
+        ],
+        &[],
+    );
+    outputs.push(text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::remove_file(file).unwrap();
+}
+
+async fn adopt_baselines(bed: &mut Bed, mailboxes: &[String]) {
+    for m in mailboxes {
+        if !bed.baselines.contains_key(m) {
+            let cursor = bed.cursor(m).await.unwrap().expect("registered");
+            bed.baselines.insert(m.clone(), cursor);
+        }
+    }
+}
+
+/// Per-user refresh tokens end to end: registration with the token, syncs as each user; a
+/// revoked grant puts that mailbox (only) in needs-reauthorization with an event in its
+/// stream and no more Gmail calls; re-registering it with a new token resumes from its stored
+/// cursor, so the mail of the gap is found (ledger match). No secret appears in any output, in
+/// the change stream or in trace-level logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_tokens_end_to_end_with_revocation_and_reauthorization() {
+    let dir = scratch_dir("refresh");
+    let (mut bed, key) = refresh_token_bed("refresh", &dir).await;
+    let mailboxes = emails("refresh", 3);
+    let tokens: Vec<String> = (0..3)
+        .map(|i| format!("1//refresh-token-{i}-never-log-me"))
+        .collect();
+    let mut outputs = Vec::new();
+    for (m, t) in mailboxes.iter().zip(&tokens) {
+        register_with_refresh_token(&mut bed, &dir, m, t, &mut outputs);
+    }
+    adopt_baselines(&mut bed, &mailboxes).await;
+    let worker = bed.spawn_worker_process("refresh", &[("RUST_LOG", "trace")]);
+    bed.wait_ready(&[&worker]).await;
+    for m in &mailboxes {
+        bed.sim.deliver(m, &["INBOX"]);
+    }
+    bed.wait_caught_up(CATCH_UP).await.unwrap();
+    bed.check_against_ledger().await.unwrap();
+
+    // The owner of the first mailbox revokes the app.
+    let revoked = &mailboxes[0];
+    bed.sim.revoke_refresh_token(&tokens[0]);
+    bed.sim.deliver(revoked, &["INBOX"]);
+    let store = bed.store().await;
+    let m0 = Mailbox::parse(revoked).unwrap();
+    let mut marked = false;
+    for _ in 0..600 {
+        let status = store.status(&m0).await.unwrap().unwrap();
+        if status.attention_kind.as_deref() == Some("needs_reauthorization") {
+            assert!(status.attention.unwrap().contains("invalid_grant"));
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(marked, "the revoked mailbox was not marked");
+    let status = cli(&bed, &["mailbox", "status", revoked, "--json"], &[]);
+    outputs.push(text(&status));
+    let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(shown["attention_kind"], "needs_reauthorization", "{shown}");
+    let human = cli(&bed, &["mailbox", "status", revoked], &[]);
+    outputs.push(text(&human));
+    assert!(
+        text(&human).contains("needs reauthorization"),
+        "{}",
+        text(&human)
+    );
+    let event = bed
+        .entries()
+        .await
+        .into_iter()
+        .find(|e| e.get("kind") == "mailbox_attention" && e.get("mailbox") == revoked.as_str())
+        .expect("a mailbox_attention entry");
+    assert_eq!(event.get("attention"), "needs_reauthorization");
+    // The others are unaffected; the revoked one costs no more Gmail calls.
+    let calls_of_revoked = bed
+        .sim
+        .ledger()
+        .calls_to_for(Endpoint::HistoryList, revoked)
+        .len();
+    for m in &mailboxes {
+        bed.sim.deliver(m, &["INBOX"]);
+    }
+    bed.wait_caught_up_of(&mailboxes[1..], CATCH_UP)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        bed.sim
+            .ledger()
+            .calls_to_for(Endpoint::HistoryList, revoked)
+            .len(),
+        calls_of_revoked,
+        "Gmail was called for a mailbox that needs reauthorization"
+    );
+
+    // The owner authorizes again; the operator registers the new token: it resumes from the
+    // stored cursor and the gap's mail arrives.
+    register_with_refresh_token(
+        &mut bed,
+        &dir,
+        revoked,
+        "1//refresh-token-0b-never-log-me",
+        &mut outputs,
+    );
+    bed.sim.deliver(revoked, &["INBOX"]);
+    bed.wait_caught_up(CATCH_UP).await.unwrap();
+    bed.check_against_ledger().await.unwrap();
+    worker.terminate(Duration::from_secs(30)).await;
+
+    // No secret anywhere: CLI outputs, the worker's trace-level log, the change streams.
+    let log = std::fs::read_to_string(worker.log_path()).unwrap();
+    let streams = format!(
+        "{:?}",
+        bed.entries()
+            .await
+            .iter()
+            .map(|e| &e.fields)
+            .collect::<Vec<_>>()
+    );
+    let mut secrets: Vec<String> = tokens.clone();
+    secrets.push("1//refresh-token-0b-never-log-me".into());
+    secrets.push(CLIENT_SECRET.into());
+    secrets.push(std::fs::read_to_string(&key).unwrap().trim().to_string());
+    secrets.extend(
+        bed.sim
+            .ledger()
+            .calls()
+            .iter()
+            .filter_map(|c| c.bearer.clone()),
+    );
+    for secret in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "the worker log holds a secret"
+        );
+        assert!(
+            !streams.contains(secret.as_str()),
+            "the change stream holds a secret"
+        );
+        for out in &outputs {
+            assert!(
+                !out.contains(secret.as_str()),
+                "a command printed a secret: {out}"
+            );
+        }
+    }
+    // Cloud Logging has no TRACE severity: trace and debug events are both DEBUG.
+    assert!(
+        log.contains(r#""severity":"DEBUG""#),
+        "the log was not at trace level"
+    );
+}
+
+/// `keys rotate` while a worker syncs (on both keys), then a worker on the new key alone: every
+/// mailbox keeps working (new access tokens are minted from the resealed refresh tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_under_load_keeps_every_mailbox_working() {
+    let dir = scratch_dir("rotate");
+    let (mut bed, old_key) = refresh_token_bed("rotate", &dir).await;
+    let mailboxes = emails("rotate", 6);
+    let mut outputs = Vec::new();
+    for (i, m) in mailboxes.iter().enumerate() {
+        register_with_refresh_token(&mut bed, &dir, m, &format!("1//rotate-{i}"), &mut outputs);
+    }
+    adopt_baselines(&mut bed, &mailboxes).await;
+    let (new_text, new_id) = gmail_sync::vault::generate_key_file();
+    let new_key = dir.join("token-key-new");
+    std::fs::write(&new_key, new_text.as_bytes()).unwrap();
+    let (old, new) = (old_key.display().to_string(), new_key.display().to_string());
+    let both = [
+        ("GMAIL_SYNC_TOKEN_KEY_FILE", new.as_str()),
+        ("GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE", old.as_str()),
+    ];
+    let during = bed.start_worker_with(&both).await;
+    let traffic = {
+        let sim = bed.sim.clone();
+        let mailboxes = mailboxes.clone();
+        tokio::spawn(async move {
+            for round in 0..20 {
+                for m in &mailboxes {
+                    sim.deliver(m, &["INBOX"]);
+                }
+                // Pacing: mail keeps arriving across the rotation.
+                tokio::time::sleep(Duration::from_millis(100 + round % 3)).await;
+            }
+        })
+    };
+    // Tokens expire mid-rotation, so the worker must open refresh tokens during it.
+    bed.sim.expire_access_tokens(None);
+    let rotated = cli(&bed, &["keys", "rotate", "--json"], &both);
+    assert_eq!(rotated.status.code(), Some(0), "{}", text(&rotated));
+    traffic.await.unwrap();
+    bed.wait_caught_up(CATCH_UP).await.unwrap();
+    settle(&during).await;
+    during.stop().await.unwrap();
+    let store = bed.store().await;
+    for m in &mailboxes {
+        let sealed = store
+            .credential(&Mailbox::parse(m).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(gmail_sync::vault::sealed_key_id(&sealed).unwrap(), new_id);
+    }
+    // The old key is gone; access tokens lapse; everything still syncs.
+    bed.sim.expire_access_tokens(None);
+    let after = bed
+        .start_worker_with(&[("GMAIL_SYNC_TOKEN_KEY_FILE", new.as_str())])
+        .await;
+    for m in &mailboxes {
+        bed.sim.deliver(m, &["INBOX"]);
+    }
+    bed.wait_caught_up(CATCH_UP).await.unwrap();
+    settle(&after).await;
+    bed.check_against_ledger().await.unwrap();
+    let s = after.snapshot();
+    assert_eq!(s.attention_mailbox, 0, "{s:?}");
+    after.stop().await.unwrap();
+}

@@ -4,7 +4,8 @@
 //! Invariant tests (a worker started exactly as `main` starts one), one file per topic:
 //! `end_to_end`, `ack_and_commit` (I1, I2), `duplicates` (I4), `resync` (I5), `bad_input` (I6),
 //! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`; the commit script directly: `store`;
-//! the real binary as processes: `processes`.
+//! the real binary as processes: `processes`; refresh tokens sealed at rest and key rotation:
+//! `vault`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -20,3 +21,4 @@ mod redis_faults;
 mod resync;
 mod shutdown;
 mod store;
+mod vault;
