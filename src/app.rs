@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
 use crate::health::Health;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{KeyOrigin, Mailbox, MailboxLogStyle};
 use crate::scheduler::{SchedulePolicy, Scheduler};
 use crate::store::Store;
 use crate::supervisor::{StopCause, Supervisor, TaskEnd, Tier};
@@ -93,8 +93,22 @@ pub async fn run(
         redis = %config.redis.describe(),
         gmail_api = %config.gmail.api_url,
         max_concurrent_syncs = config.consumer.max_concurrent_syncs,
+        max_outstanding_bytes = config.consumer.max_outstanding_bytes,
+        quarantine_cap_bytes =
+            crate::store::quarantine::quarantine_memory_cap(config.store.quarantine_maxlen),
         "gmail-sync worker started"
     );
+    if let MailboxLogStyle::Hash(key) = config.log_mailbox
+        && key.origin() == KeyOrigin::Random
+    {
+        // Refusing to start would break every deployment that predates the variable, for a
+        // property (linking log lines across processes) that only the operator can judge.
+        tracing::warn!(
+            "GMAIL_SYNC_LOG_HASH_KEY_FILE is not set: mailbox hashes in logs use a random key of \
+             this process, so the same mailbox has a different hash on every replica and after \
+             every restart"
+        );
+    }
 
     let health = Health::new(&config.health_dir);
     health.mark_ready().map_err(AppError::Startup)?;

@@ -7,7 +7,7 @@
 //! example. That definition is what [`Config::from_lookup`] parses with, what [`variables`]
 //! lists, what `--help` prints and what the test of README.md's table compares with.
 
-use crate::mailbox::{Mailbox, MailboxLogStyle};
+use crate::mailbox::{LogHashKey, Mailbox, MailboxLogStyle};
 use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Command, FromArgMatches};
 use std::fmt;
@@ -23,6 +23,9 @@ const REDIS_URL: &str = "GMAIL_SYNC_REDIS_URL";
 /// The token key files, named by `vault` when a file is bad.
 pub(crate) const TOKEN_KEY_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_FILE";
 pub(crate) const TOKEN_KEY_PREVIOUS_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE";
+const LOG_HASH_KEY_FILE: &str = "GMAIL_SYNC_LOG_HASH_KEY_FILE";
+const MAX_LEASE: &str = "GMAIL_SYNC_MAX_LEASE_SECS";
+const HISTORY_LAG: &str = "GMAIL_SYNC_HISTORY_LAG_SECS";
 
 /// Every environment variable gmail-sync reads or documents, in the order `--help` and README.md
 /// list them. A field's doc comment is the variable's meaning, then an `e.g. EXAMPLE` paragraph;
@@ -89,14 +92,15 @@ struct Environment {
     )]
     stream_maxlen: u64,
 
-    /// Approximate cap of the quarantine stream of malformed notifications, in entries
-    /// (at least 100)
+    /// Approximate cap of the quarantine stream of rejected notifications, in entries (at least
+    /// 100); entries are bounded, so the stream stays under 1 KiB of Redis memory per entry
+    /// (plus 100 entries of trimming slack)
     ///
-    /// e.g. 10000
+    /// e.g. 1000
     #[arg(
         long,
         env = "GMAIL_SYNC_QUARANTINE_MAXLEN",
-        default_value = "100000",
+        default_value = "10000",
         value_parser = integer::<u64>(100, u64::MAX)
     )]
     quarantine_maxlen: u64,
@@ -236,6 +240,18 @@ struct Environment {
     )]
     max_outstanding_messages: i64,
 
+    /// Pub/Sub flow control: bytes of messages leased and not yet acked, per process
+    /// (65536-67108864); keep it well below the pod's memory limit (128Mi in deploy/)
+    ///
+    /// e.g. 8388608
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_MAX_OUTSTANDING_BYTES",
+        default_value = "16777216",
+        value_parser = integer::<i64>(65_536, 67_108_864)
+    )]
+    max_outstanding_bytes: i64,
+
     /// Ack deadline the client asks for and keeps extending, in seconds (10-600)
     ///
     /// e.g. 30
@@ -245,7 +261,7 @@ struct Environment {
     /// Longest a message is held before Pub/Sub may redeliver it, in seconds (60-3600)
     ///
     /// e.g. 1200
-    #[arg(long, env = "GMAIL_SYNC_MAX_LEASE_SECS", default_value = "600", value_parser = seconds(60, 3600))]
+    #[arg(long, env = MAX_LEASE, default_value = "600", value_parser = seconds(60, 3600))]
     max_lease: Duration,
 
     /// On SIGTERM, how long in-flight syncs may finish before the rest is nacked, in seconds
@@ -311,12 +327,23 @@ struct Environment {
     )]
     gmail_max_attempts: u32,
 
-    /// Times a mailbox sync is retried (with backoff) before its notifications are nacked
+    /// Times a failed mailbox sync is retried (with backoff) before its notifications are nacked
     /// (0-100)
     ///
     /// e.g. 5
     #[arg(long, env = "GMAIL_SYNC_SYNC_RETRIES", default_value = "8", value_parser = integer::<u32>(0, 100))]
     sync_retries: u32,
+
+    /// How long a notification whose historyId Gmail's history does not show yet is retried,
+    /// counted from its publish time, before it is quarantined and acked, in seconds (1-540;
+    /// below GMAIL_SYNC_MAX_LEASE_SECS)
+    ///
+    /// e.g. 60
+    // 45 s: Gmail's history catches up with a notification within seconds, and the default must
+    // stay below the shortest message lease (60 s) so every GMAIL_SYNC_MAX_LEASE_SECS accepts it.
+    // A forged notification then costs at most eight history.list reads (16 quota units).
+    #[arg(long, env = HISTORY_LAG, default_value = "45", value_parser = seconds(1, 540))]
+    history_lag: Duration,
 
     /// How often each mailbox's users.watch is renewed, in seconds (5-518400); Gmail stops
     /// notifying 7 days after the last watch and recommends renewing daily
@@ -420,11 +447,20 @@ struct Environment {
     )]
     summary_interval: Duration,
 
-    /// How mailboxes appear in logs: `hash` (stable 64-bit hash) or `plain`
+    /// How mailboxes appear in logs: `hash` (64-bit HMAC-SHA256 keyed with
+    /// GMAIL_SYNC_LOG_HASH_KEY_FILE) or `plain`
     ///
     /// e.g. plain
     #[arg(long, env = "GMAIL_SYNC_LOG_MAILBOX", default_value = "hash", value_parser = mailbox_log_style)]
-    log_mailbox: MailboxLogStyle,
+    log_mailbox: LogMailbox,
+
+    /// File holding the secret key of the mailbox hashes in logs, 32 bytes or more (surrounding
+    /// whitespace ignored); unset = a random key per process, so hashes differ between replicas
+    /// and restarts
+    ///
+    /// e.g. /var/secrets/gmail-sync/log-hash-key
+    #[arg(long, env = LOG_HASH_KEY_FILE)]
+    log_hash_key_file: Option<PathBuf>,
 
     /// Directory of the liveness/readiness files read by `gmail-sync health`
     ///
@@ -557,10 +593,14 @@ pub struct GmailSettings {
 pub struct ConsumerSettings {
     pub max_concurrent_syncs: usize,
     pub max_outstanding_messages: i64,
+    pub max_outstanding_bytes: i64,
     pub ack_extension: Duration,
     pub max_lease: Duration,
     pub shutdown_timeout: Duration,
     pub sync_retries: u32,
+    /// How long a notification ahead of Gmail's history is retried (from its publish time)
+    /// before it is quarantined (GMAIL_SYNC_HISTORY_LAG_SECS).
+    pub history_lag: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -852,6 +892,7 @@ impl Environment {
             token_key_previous_file,
             max_concurrent_syncs,
             max_outstanding_messages,
+            max_outstanding_bytes,
             ack_extension,
             max_lease,
             shutdown_timeout,
@@ -861,6 +902,7 @@ impl Environment {
             gmail_timeout,
             gmail_max_attempts,
             sync_retries,
+            history_lag,
             renew_interval,
             renew_jitter,
             renewals_per_minute,
@@ -871,6 +913,7 @@ impl Environment {
             watch_warn_horizon,
             summary_interval,
             log_mailbox,
+            log_hash_key_file,
             health_dir,
             pubsub_emulator,
             google_application_credentials: _,
@@ -908,6 +951,26 @@ impl Environment {
                 ),
             });
         }
+        if history_lag >= max_lease {
+            return Err(ConfigError {
+                name: HISTORY_LAG,
+                problem: format!(
+                    "expected less than {MAX_LEASE} ({}), got {}: a notification must not outwait \
+                     its message lease",
+                    max_lease.as_secs(),
+                    history_lag.as_secs()
+                ),
+            });
+        }
+        let log_mailbox = match log_mailbox {
+            LogMailbox::Plain => MailboxLogStyle::Plain,
+            // The key file is read only when hashes are logged (like an ignored Redis URL, an
+            // unused file is not checked).
+            LogMailbox::Hash => MailboxLogStyle::Hash(match log_hash_key_file {
+                Some(path) => read_log_hash_key(&path)?,
+                None => LogHashKey::random(),
+            }),
+        };
         let redis = match redis_cluster {
             Some(cluster) => cluster,
             None => {
@@ -936,10 +999,12 @@ impl Environment {
             consumer: ConsumerSettings {
                 max_concurrent_syncs,
                 max_outstanding_messages,
+                max_outstanding_bytes,
                 ack_extension,
                 max_lease,
                 shutdown_timeout,
                 sync_retries,
+                history_lag,
             },
             sync: SyncSettings {
                 failure_settle,
@@ -1194,12 +1259,42 @@ fn http_url(value: &str) -> Result<String, String> {
     }
 }
 
-fn mailbox_log_style(value: &str) -> Result<MailboxLogStyle, String> {
+/// GMAIL_SYNC_LOG_MAILBOX as given; the key is added in `into_config`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LogMailbox {
+    Hash,
+    Plain,
+}
+
+fn mailbox_log_style(value: &str) -> Result<LogMailbox, String> {
     match value {
-        "hash" => Ok(MailboxLogStyle::Hash),
-        "plain" => Ok(MailboxLogStyle::Plain),
+        "hash" => Ok(LogMailbox::Hash),
+        "plain" => Ok(LogMailbox::Plain),
         _ => Err("expected `hash` or `plain`".into()),
     }
+}
+
+/// A key file larger than this is not a key (a wrong path, e.g. a whole bundle).
+const LOG_HASH_KEY_FILE_MAX: u64 = 4096;
+
+/// Reads the log-hash key; errors name the variable and the path, never the content.
+fn read_log_hash_key(path: &std::path::Path) -> Result<LogHashKey, ConfigError> {
+    use std::io::Read;
+    let refuse = |problem: String| ConfigError {
+        name: LOG_HASH_KEY_FILE,
+        problem,
+    };
+    let mut content = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(LOG_HASH_KEY_FILE_MAX + 1).read_to_end(&mut content))
+        .map_err(|e| refuse(format!("cannot read {}: {e}", path.display())))?;
+    if content.len() as u64 > LOG_HASH_KEY_FILE_MAX {
+        return Err(refuse(format!(
+            "{} is larger than {LOG_HASH_KEY_FILE_MAX} bytes: expected a key file",
+            path.display()
+        )));
+    }
+    LogHashKey::from_secret(&content).map_err(|e| refuse(format!("{}: {e}", path.display())))
 }
 
 /// `HOST:PORT` of the Pub/Sub emulator, which speaks plain HTTP.
@@ -1624,6 +1719,80 @@ mod tests {
             Some(std::path::Path::new("/keys/new"))
         );
         assert!(c.token_keys.previous_file.is_some());
+    }
+
+    #[test]
+    fn log_hash_key_comes_from_its_file_or_is_random_per_process() {
+        use crate::mailbox::{KeyOrigin, Mailbox};
+        let dir = std::env::temp_dir().join(format!("gmail-sync-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good");
+        std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "hunter2hunter2\n").unwrap();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let m = Mailbox::parse("alice@example.com").unwrap();
+
+        let a = load(&[(LOG_HASH_KEY_FILE, &path(&good))]).unwrap();
+        let b = load(&[(LOG_HASH_KEY_FILE, &path(&good))]).unwrap();
+        let MailboxLogStyle::Hash(key) = a.log_mailbox else {
+            panic!("hash is the default")
+        };
+        assert_eq!(key.origin(), KeyOrigin::File);
+        assert_eq!(
+            m.for_log(a.log_mailbox),
+            m.for_log(b.log_mailbox),
+            "one key, one pseudonym"
+        );
+
+        let r1 = load(&[]).unwrap();
+        let r2 = load(&[]).unwrap();
+        assert!(
+            matches!(r1.log_mailbox, MailboxLogStyle::Hash(k) if k.origin() == KeyOrigin::Random)
+        );
+        assert_ne!(m.for_log(r1.log_mailbox), m.for_log(r2.log_mailbox));
+
+        let err = load(&[(LOG_HASH_KEY_FILE, &path(&short))]).unwrap_err();
+        assert_eq!(err.name, LOG_HASH_KEY_FILE);
+        assert!(err.problem.contains("at least 32"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = load(&[(LOG_HASH_KEY_FILE, &path(&dir.join("missing")))]).unwrap_err();
+        assert_eq!(err.name, LOG_HASH_KEY_FILE);
+        // Not read when addresses are logged in plain.
+        let c = load(&[
+            (LOG_HASH_KEY_FILE, &path(&dir.join("missing"))),
+            ("GMAIL_SYNC_LOG_MAILBOX", "plain"),
+        ])
+        .unwrap();
+        assert_eq!(c.log_mailbox, MailboxLogStyle::Plain);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn history_lag_must_stay_inside_the_message_lease() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.consumer.history_lag, Duration::from_secs(45));
+        assert!(c.consumer.history_lag < c.consumer.max_lease);
+        let err = load(&[(HISTORY_LAG, "300"), (MAX_LEASE, "300")]).unwrap_err();
+        assert_eq!(err.name, HISTORY_LAG);
+        assert!(load(&[(HISTORY_LAG, "299"), (MAX_LEASE, "300")]).is_ok());
+    }
+
+    #[test]
+    fn flow_control_bytes_default_is_far_below_the_pod_limit() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.consumer.max_outstanding_bytes, 16 << 20);
+        let limit = include_str!("../deploy/k8s/deployment.yaml")
+            .lines()
+            .skip_while(|l| !l.contains("limits:"))
+            .find_map(|l| l.trim().strip_prefix("memory: "))
+            .and_then(|v| v.strip_suffix("Mi"))
+            .and_then(|v| v.parse::<i64>().ok())
+            .expect("deployment.yaml has a memory limit in Mi");
+        assert!(
+            c.consumer.max_outstanding_bytes * 4 <= limit << 20,
+            "flow control may hold a quarter of the pod's memory at most"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Over gRPC `Message::data` is the raw JSON `{"emailAddress": "...", "historyId": "..."}`
 //! (base64 exists only in push envelopes). Anything else is [`Malformed`]: the consumer acks it
-//! and copies it, with the reason, to the quarantine stream (invariant I6).
+//! and copies its first bytes, with the reason, to the quarantine stream (invariant I6).
 
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
@@ -43,7 +43,13 @@ pub fn decode(data: &[u8]) -> Result<Notification, Malformed> {
             return Err(Malformed::MissingField("emailAddress"));
         }
         Some(serde_json::Value::String(s)) => s,
-        Some(other) => return Err(Malformed::BadEmail(format!("not a string: {other}"))),
+        // The value is not echoed: the reason is logged, and it could hold an address.
+        Some(other) => {
+            return Err(Malformed::BadEmail(format!(
+                "not a string but {}",
+                json_kind(&other)
+            )));
+        }
     };
     let history_id = match wire.remove("historyId") {
         None | Some(serde_json::Value::Null) => return Err(Malformed::MissingField("historyId")),
@@ -55,6 +61,17 @@ pub fn decode(data: &[u8]) -> Result<Notification, Malformed> {
         mailbox,
         history_id,
     })
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 #[cfg(test)]
@@ -96,5 +113,8 @@ mod tests {
         ));
         let big = vec![b' '; MAX_NOTIFICATION_BYTES + 1];
         assert!(matches!(decode(&big), Err(Malformed::Oversize(_))));
+        let e = decode(br#"{"emailAddress":{"x":"alice@example.com"},"historyId":"1"}"#);
+        let reason = e.unwrap_err().to_string();
+        assert!(!reason.contains("alice"), "{reason}");
     }
 }

@@ -139,8 +139,12 @@ macro_rules! counters {
 counters! {
     /// Messages handed to the worker by the subscriber.
     received,
-    /// Malformed messages acked and copied to the quarantine stream.
+    /// Messages acked after their (bounded) copy went to the quarantine stream: malformed, or
+    /// ahead of Gmail's history for too long.
     quarantined,
+    /// Of those, notifications whose historyId Gmail's history did not reach within
+    /// GMAIL_SYNC_HISTORY_LAG_SECS (forged or far ahead).
+    quarantined_history_ahead,
     /// Notifications for mailboxes that are not registered (acked).
     unknown_mailbox,
     /// Notifications for mailboxes marked as needing attention (acked; cursor kept).
@@ -288,6 +292,7 @@ pub fn log_summary(counters: &Counters, message: &str) {
         acked_after_sync = s.acked_after_sync,
         nacked = s.nacked,
         quarantined = s.quarantined,
+        quarantined_history_ahead = s.quarantined_history_ahead,
         unknown_mailbox = s.unknown_mailbox,
         attention_mailbox = s.attention_mailbox,
         syncs = s.syncs,

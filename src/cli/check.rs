@@ -170,5 +170,9 @@ pub(crate) async fn execute(config: &Config, json: bool) -> i32 {
             );
         }
     }
+    // Failures also on stderr, where scripts and humans look for errors.
+    for c in report.checks.iter().filter(|c| !c.ok) {
+        eprintln!("gmail-sync: check {} failed: {}", c.name, c.detail);
+    }
     if failed { 2 } else { 0 }
 }

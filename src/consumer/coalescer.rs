@@ -9,27 +9,36 @@
 //! - a notification is acked only when a committed cursor ≥ its historyId is known (I1);
 //! - waiters that arrived during a sync and are not covered by it get a new sync at once;
 //!   waiters the sync already saw and still not covered (Gmail delivered the notification before
-//!   history showed the change) are retried after a delay, a bounded number of times, then
-//!   nacked so Pub/Sub redelivers them later;
+//!   history showed the change) are retried after a growing delay until they are
+//!   `history_lag` old (counted from their publish time, so a redelivery does not restart the
+//!   clock); then Gmail's history never reached them (a forged or far-ahead historyId) and they
+//!   are quarantined with the reason, then acked — never nacked to come back and cost Gmail
+//!   quota again. Nothing is lost by that: a later sync of the mailbox (the next notification,
+//!   or the scheduler's fallback sync) reads everything after the cursor anyway;
 //! - another worker holding the lease: poll the cursor again shortly (it will usually pass the
 //!   waiters' historyIds), bounded, then nack;
 //! - retryable failures back off; permanent ones were recorded on the mailbox, whose
 //!   notifications are then acked (its cursor is kept, nothing is lost).
 
-use super::delivery::Ack;
-use super::dispatcher::Effect;
+use super::delivery::{Ack, Delivery};
+use super::dispatcher::{Effect, QuarantineReason};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// The shortest wait before re-reading history for waiters close to their `history_lag`: a
+/// retry is never a busy loop.
+const MIN_NOT_VISIBLE_WAIT: Duration = Duration::from_millis(100);
 
 /// A notification waiting for a committed cursor.
 pub struct Waiter<A> {
     pub history_id: HistoryId,
-    pub ack: A,
-    /// Pub/Sub publish time, for the publish → ack latency.
-    pub published: Option<SystemTime>,
+    /// The message: its ack handle (`delivery.ack`), its publish time (for the publish → ack
+    /// latency and its age) and what a quarantine entry copies.
+    pub delivery: Delivery<A>,
     /// When this process received it, for the receive → ack latency (the worker's own part).
     pub received: Instant,
     /// A sync started after this waiter arrived (so its result speaks for it).
@@ -37,14 +46,24 @@ pub struct Waiter<A> {
 }
 
 impl<A> Waiter<A> {
-    pub fn new(history_id: HistoryId, ack: A, published: Option<SystemTime>) -> Waiter<A> {
+    pub fn new(history_id: HistoryId, delivery: Delivery<A>) -> Waiter<A> {
         Waiter {
             history_id,
-            ack,
-            published,
+            delivery,
             received: Instant::now(),
             seen_by_sync: false,
         }
+    }
+
+    /// Time since Pub/Sub accepted the notification (or since this process received it, if that
+    /// is longer, e.g. without a publish time): redeliveries keep their age.
+    fn age(&self) -> Duration {
+        let since_published = self
+            .delivery
+            .publish_time
+            .and_then(|p| SystemTime::now().duration_since(p).ok())
+            .unwrap_or_default();
+        self.received.elapsed().max(since_published)
     }
 }
 
@@ -82,8 +101,11 @@ pub enum SyncReport {
 
 #[derive(Clone, Debug)]
 pub struct CoalescerSettings {
-    /// Retries (not-yet-visible changes, retryable failures) before waiters are nacked.
+    /// Retries of retryable sync failures before waiters are nacked.
     pub max_retries: u32,
+    /// How old (from publish) a waiter that history does not reach yet may get before it is
+    /// quarantined (GMAIL_SYNC_HISTORY_LAG_SECS).
+    pub history_lag: Duration,
     /// Lease-busy polls before waiters are nacked.
     pub max_busy_polls: u32,
     pub busy_poll: Duration,
@@ -94,6 +116,7 @@ impl Default for CoalescerSettings {
     fn default() -> Self {
         CoalescerSettings {
             max_retries: 8,
+            history_lag: Duration::from_secs(45),
             max_busy_polls: 120,
             busy_poll: Duration::from_millis(250),
             not_visible_base: Duration::from_millis(500),
@@ -104,7 +127,10 @@ impl Default for CoalescerSettings {
 struct MailboxState<A> {
     waiters: Vec<Waiter<A>>,
     phase: Phase,
+    /// Retryable failures in a row.
     retries: u32,
+    /// Syncs in a row that did not reach a waiter they saw (for the not-yet-visible backoff).
+    not_visible: u32,
     busy_polls: u32,
 }
 
@@ -155,6 +181,7 @@ impl<A: Ack> Coalescer<A> {
                     waiters: vec![waiter],
                     phase: Phase::Syncing,
                     retries: 0,
+                    not_visible: 0,
                     busy_polls: 0,
                 });
                 out.push(Effect::StartSync { mailbox, target });
@@ -199,24 +226,34 @@ impl<A: Ack> Coalescer<A> {
                     AckReason::AlreadyCovered
                 };
                 ack_covered(&mut state.waiters, cursor, reason, out);
+                let lag = self.settings.history_lag;
+                quarantine_unreached(&mut state.waiters, cursor, lag, out);
                 if state.waiters.is_empty() {
                     return;
                 }
-                if state.waiters.iter().any(|w| w.seen_by_sync) {
-                    // The sync saw these and history did not reach them yet.
-                    state.retries += 1;
-                    if state.retries > self.settings.max_retries {
-                        out.push(Effect::Nack(state.waiters));
-                        return;
+                let seen_left = state
+                    .waiters
+                    .iter()
+                    .filter(|w| w.seen_by_sync)
+                    .map(|w| lag.saturating_sub(w.age()))
+                    .min();
+                match seen_left {
+                    // The sync saw these and history did not reach them yet: read again later,
+                    // at the latest when the first of them runs out of time.
+                    Some(left) => {
+                        state.not_visible += 1;
+                        let wait = crate::retry::not_yet_visible(
+                            self.settings.not_visible_base,
+                            state.not_visible,
+                        );
+                        Some(wait.min(left.max(MIN_NOT_VISIBLE_WAIT)))
                     }
-                    Some(crate::retry::not_yet_visible(
-                        self.settings.not_visible_base,
-                        state.retries,
-                    ))
-                } else {
                     // All arrived during the sync: sync again now.
-                    state.retries = 0;
-                    None
+                    None => {
+                        state.retries = 0;
+                        state.not_visible = 0;
+                        None
+                    }
                 }
             }
             SyncReport::Busy { cursor } => {
@@ -297,6 +334,30 @@ fn start_sync<A>(mailbox: &Mailbox, state: &mut MailboxState<A>) -> Effect<A> {
     }
 }
 
+/// Waiters a sync saw, still above the cursor Gmail's history reached, and older than `lag`:
+/// quarantined (then acked by the shell) with the reason.
+fn quarantine_unreached<A>(
+    waiters: &mut Vec<Waiter<A>>,
+    cursor: HistoryId,
+    lag: Duration,
+    out: &mut Vec<Effect<A>>,
+) {
+    let (unreached, rest): (Vec<_>, Vec<_>) = std::mem::take(waiters)
+        .into_iter()
+        .partition(|w| w.seen_by_sync && w.history_id > cursor && w.age() >= lag);
+    *waiters = rest;
+    for w in unreached {
+        out.push(Effect::Quarantine {
+            reason: QuarantineReason::HistoryNotReached {
+                history_id: w.history_id,
+                cursor,
+                waited: w.age(),
+            },
+            delivery: w.delivery,
+        });
+    }
+}
+
 fn ack_covered<A>(
     waiters: &mut Vec<Waiter<A>>,
     cursor: HistoryId,
@@ -326,16 +387,30 @@ mod tests {
 
     impl Bed {
         fn new() -> Bed {
+            Bed::with(CoalescerSettings::default())
+        }
+        fn with(settings: CoalescerSettings) -> Bed {
             Bed {
-                c: Coalescer::new(CoalescerSettings::default()),
+                c: Coalescer::new(settings),
                 log: Arc::default(),
                 out: Vec::new(),
             }
         }
         fn notify(&mut self, m: &str, h: u64) {
-            let w = Waiter::new(HistoryId(h), Probe::new(h, &self.log), None);
-            self.c
-                .on_notification(Mailbox::parse(m).unwrap(), w, &mut self.out);
+            self.notify_published(m, h, None);
+        }
+        fn notify_published(&mut self, m: &str, h: u64, published: Option<SystemTime>) {
+            let delivery = Delivery {
+                data: bytes::Bytes::from(format!(r#"{{"emailAddress":"{m}","historyId":"{h}"}}"#)),
+                message_id: h.to_string(),
+                publish_time: published,
+                ack: Probe::new(h, &self.log),
+            };
+            self.c.on_notification(
+                Mailbox::parse(m).unwrap(),
+                Waiter::new(HistoryId(h), delivery),
+                &mut self.out,
+            );
         }
         fn done(&mut self, m: &str, r: SyncReport) {
             self.c
@@ -348,9 +423,20 @@ mod tests {
                 match e {
                     Effect::StartSync { target, .. } => summary.push(format!("sync:{}", target.0)),
                     Effect::RetryLater { .. } => summary.push("retry".into()),
-                    Effect::Ack(ws, _) => ws.into_iter().for_each(|w| w.ack.ack()),
+                    Effect::Ack(ws, _) => ws.into_iter().for_each(|w| w.delivery.ack.ack()),
                     Effect::Nack(ws) => drop(ws),
-                    _ => unreachable!("the coalescer emits only StartSync, RetryLater, Ack, Nack"),
+                    // The shell acks a quarantined message once its copy is stored.
+                    Effect::Quarantine { delivery, reason } => {
+                        summary.push(format!("quarantine:{}", delivery.message_id));
+                        assert!(
+                            matches!(reason, QuarantineReason::HistoryNotReached { .. }),
+                            "{reason}"
+                        );
+                        delivery.ack.ack();
+                    }
+                    _ => unreachable!(
+                        "the coalescer emits only StartSync, RetryLater, Ack, Nack, Quarantine"
+                    ),
                 }
             }
             summary
@@ -392,21 +478,86 @@ mod tests {
         assert_eq!(b.log(), vec!["ack:10"]);
     }
 
+    /// The delays of the `RetryLater` effects waiting in `out`.
+    fn retry_delays(out: &[Effect<Probe>]) -> Vec<Duration> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::RetryLater { after, .. } => Some(*after),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn not_yet_visible_is_retried_then_nacked_never_acked() {
-        let mut b = Bed::new();
+    fn not_yet_visible_is_retried_within_the_lag_then_quarantined_never_nacked() {
+        let lag = Duration::from_millis(300);
+        let mut b = Bed::with(CoalescerSettings {
+            history_lag: lag,
+            max_retries: 1,
+            ..CoalescerSettings::default()
+        });
         let m = Mailbox::parse("a@x.com").unwrap();
-        b.notify("a@x.com", 50);
-        b.apply();
-        for _ in 0..CoalescerSettings::default().max_retries {
+        b.notify_published("a@x.com", 50, Some(SystemTime::now()));
+        assert_eq!(b.apply(), vec!["sync:50"]);
+        // More retries than max_retries: that budget is for failures, not for Gmail's lag.
+        for _ in 0..3 {
             b.done("a@x.com", covered(40));
+            let delays = retry_delays(&b.out);
+            assert_eq!(delays.len(), 1);
+            assert!(delays[0] <= lag, "never waits past the lag: {delays:?}");
             assert_eq!(b.apply(), vec!["retry"]);
             b.c.on_retry_due(&m, &mut b.out);
             assert_eq!(b.apply(), vec!["sync:50"]);
         }
+        assert!(
+            b.log().is_empty(),
+            "neither acked nor nacked while within the lag"
+        );
+        std::thread::sleep(lag);
         b.done("a@x.com", covered(40));
+        assert_eq!(b.apply(), vec!["quarantine:50"]);
+        assert_eq!(
+            b.log(),
+            vec!["ack:50"],
+            "acked after its quarantine record, not nacked"
+        );
+        assert!(b.c.is_empty(), "no further sync for it");
+    }
+
+    #[test]
+    fn a_genuine_notification_within_the_lag_is_acked_when_history_catches_up() {
+        let mut b = Bed::new();
+        let m = Mailbox::parse("a@x.com").unwrap();
+        b.notify_published("a@x.com", 50, Some(SystemTime::now()));
         b.apply();
-        assert_eq!(b.log(), vec!["nack:50"]);
+        b.done("a@x.com", covered(40));
+        assert_eq!(b.apply(), vec!["retry"]);
+        b.c.on_retry_due(&m, &mut b.out);
+        assert_eq!(b.apply(), vec!["sync:50"]);
+        b.done("a@x.com", covered(55));
+        assert!(b.apply().is_empty());
+        assert_eq!(b.log(), vec!["ack:50"]);
+    }
+
+    #[test]
+    fn the_lag_counts_from_publish_so_an_old_redelivery_is_quarantined_at_its_first_miss() {
+        let mut b = Bed::new();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        b.notify_published("a@x.com", 50, Some(an_hour_ago));
+        b.notify_published("b@x.com", 7, Some(an_hour_ago));
+        b.apply();
+        // Arrived during the sync: not yet seen by one, so not judged by its result.
+        b.notify_published("a@x.com", 60, Some(an_hour_ago));
+        b.notify_published("a@x.com", 45, Some(an_hour_ago));
+        b.done("a@x.com", covered(48));
+        assert_eq!(b.apply(), vec!["quarantine:50", "sync:60"]);
+        assert_eq!(b.log(), vec!["ack:45", "ack:50"]);
+        b.done("a@x.com", covered(48));
+        assert_eq!(b.apply(), vec!["quarantine:60"]);
+        // An old backlog that history covers is acked as usual.
+        b.done("b@x.com", covered(9));
+        b.apply();
+        assert_eq!(b.log(), vec!["ack:60", "ack:7"]);
         assert!(b.c.is_empty());
     }
 

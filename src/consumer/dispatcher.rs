@@ -14,6 +14,7 @@ use super::delivery::{Ack, Delivery};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use crate::notification::{self, Malformed};
+use std::fmt;
 use std::time::Duration;
 
 /// Everything the dispatcher reacts to.
@@ -44,11 +45,12 @@ pub enum Effect<A> {
     },
     Ack(Vec<Waiter<A>>, AckReason),
     Nack(Vec<Waiter<A>>),
-    /// Copy the message to the quarantine stream, then ack it (nack if the copy fails): the
-    /// one ack that is not `Ack`, because it follows a write of its own (I6), not a cursor.
+    /// Copy the message (its first bytes) to the quarantine stream, then ack it (nack if the
+    /// copy fails): the one ack that is not `Ack`, because it follows a write of its own (I6),
+    /// not a cursor.
     Quarantine {
         delivery: Delivery<A>,
-        reason: Malformed,
+        reason: QuarantineReason,
     },
     /// Tell the reader to stop pulling.
     StopReading,
@@ -58,6 +60,39 @@ pub enum Effect<A> {
     CancelSyncs,
     /// Nothing is left: the loop ends.
     Finished,
+}
+
+/// Why a message goes to the quarantine stream instead of being synced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuarantineReason {
+    /// Not a notification at all.
+    Malformed(Malformed),
+    /// A sync read Gmail's history up to `cursor` and the notification's historyId was still
+    /// ahead after `waited` (more than GMAIL_SYNC_HISTORY_LAG_SECS since it was published):
+    /// forged, or far ahead of the mailbox's real history.
+    HistoryNotReached {
+        history_id: HistoryId,
+        cursor: HistoryId,
+        waited: Duration,
+    },
+}
+
+impl fmt::Display for QuarantineReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuarantineReason::Malformed(m) => m.fmt(f),
+            QuarantineReason::HistoryNotReached {
+                history_id,
+                cursor,
+                waited,
+            } => write!(
+                f,
+                "historyId {history_id} never reached: Gmail's history stayed at {cursor} for {}s \
+                 after publish (GMAIL_SYNC_HISTORY_LAG_SECS)",
+                waited.as_secs()
+            ),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,12 +160,14 @@ impl<A: Ack> Dispatcher<A> {
 
     fn on_delivery(&mut self, delivery: Delivery<A>, out: &mut Vec<Effect<A>>) {
         match notification::decode(&delivery.data) {
-            Ok(n) => self.coalescer.on_notification(
-                n.mailbox,
-                Waiter::new(n.history_id, delivery.ack, delivery.publish_time),
-                out,
-            ),
-            Err(reason) => out.push(Effect::Quarantine { delivery, reason }),
+            Ok(n) => {
+                self.coalescer
+                    .on_notification(n.mailbox, Waiter::new(n.history_id, delivery), out)
+            }
+            Err(reason) => out.push(Effect::Quarantine {
+                delivery,
+                reason: QuarantineReason::Malformed(reason),
+            }),
         }
     }
 
@@ -207,7 +244,7 @@ mod tests {
                     Effect::StartSync { target, .. } => format!("sync:{target}"),
                     Effect::RetryLater { .. } => "retry".into(),
                     Effect::Ack(ws, _) => {
-                        ws.into_iter().for_each(|w| w.ack.ack());
+                        ws.into_iter().for_each(|w| w.delivery.ack.ack());
                         continue;
                     }
                     Effect::Nack(ws) => {

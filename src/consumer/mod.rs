@@ -12,7 +12,8 @@
 //! - one **sync task** per mailbox sync, limited by a semaphore (`GMAIL_SYNC_MAX_CONCURRENT_SYNCS`)
 //!   acquired inside the task, so notifications waiting for a sync hold no permit and the loop
 //!   never blocks; it reports back on a channel, exactly once (a panic reports `Aborted`);
-//! - one short **quarantine task** per malformed message (XADD, then ack).
+//! - one short **quarantine task** per rejected message (XADD of its bounded copy, then ack):
+//!   malformed, or ahead of Gmail's history for longer than GMAIL_SYNC_HISTORY_LAG_SECS.
 //!
 //! Shutdown ([`ShutdownMode`]): on cancellation the reader stops pulling, waiters not in a sync
 //! are given back at once, syncs in flight get the grace period to finish (their waiters are
@@ -33,7 +34,7 @@ use crate::store::{Quarantined, Store, StoreError};
 use crate::sync::{SyncError, SyncOutcome, Syncer};
 use crate::telemetry::Counters;
 use coalescer::{AckReason, CoalescerSettings, SyncReport, Waiter};
-use dispatcher::{Dispatcher, Effect, Event};
+use dispatcher::{Dispatcher, Effect, Event, QuarantineReason};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -79,7 +80,8 @@ pub trait SyncRunner: Send + Sync + 'static {
     ) -> impl Future<Output = SyncReport> + Send;
 }
 
-/// Where malformed messages are copied before they are acked. The production one is [`Store`].
+/// Where rejected messages are copied (bounded: [`Quarantined`]) before they are acked. The
+/// production one is [`Store`].
 pub trait QuarantineSink: Send + Sync + 'static {
     fn quarantine(
         &self,
@@ -126,6 +128,7 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
         let mut dispatcher: Dispatcher<A> = Dispatcher::new(
             CoalescerSettings {
                 max_retries: self.settings.sync_retries,
+                history_lag: self.settings.history_lag,
                 ..CoalescerSettings::default()
             },
             ShutdownMode::from_timeout(self.settings.shutdown_timeout),
@@ -180,7 +183,7 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
                         drop(waiters);
                     }
                     Effect::Quarantine { delivery, reason } => {
-                        self.spawn_quarantine(delivery, reason.to_string())
+                        self.spawn_quarantine(delivery, reason)
                     }
                     Effect::StopReading => deliveries.stop_reading.cancel(),
                     Effect::ArmDrainDeadline(grace) => {
@@ -225,7 +228,7 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
         });
     }
 
-    fn spawn_quarantine<A: Ack>(&self, delivery: Delivery<A>, reason: String) {
+    fn spawn_quarantine<A: Ack>(&self, delivery: Delivery<A>, reason: QuarantineReason) {
         let sink = self.quarantine.clone();
         let counters = self.counters.clone();
         self.tracker.spawn(async move {
@@ -234,16 +237,20 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()))
                 .unwrap_or_default();
-            let entry = Quarantined {
-                reason: &reason,
-                data: &delivery.data,
-                message_id: &delivery.message_id,
-                publish_time: &publish_time,
-            };
+            let text = reason.to_string();
+            // Bounded: the payload's first bytes only, and every other field cut too.
+            let entry = Quarantined::new(&text, &delivery.data, &delivery.message_id, &publish_time);
+            let (shown_reason, shown_id) = (entry.reason().to_string(), entry.message_id().to_string());
+            let data_len = entry.data_len();
             match sink.quarantine(entry).await {
                 Ok(()) => {
-                    tracing::warn!(message_id = %delivery.message_id, reason = %reason, "malformed notification quarantined");
                     Counters::inc(&counters.quarantined);
+                    if let QuarantineReason::HistoryNotReached { .. } = reason {
+                        Counters::inc(&counters.quarantined_history_ahead);
+                        tracing::warn!(message_id = %shown_id, reason = %shown_reason, "notification ahead of Gmail's history quarantined");
+                    } else {
+                        tracing::warn!(message_id = %shown_id, reason = %shown_reason, data_len, "malformed notification quarantined");
+                    }
                     delivery.ack.ack();
                 }
                 Err(e) => {
@@ -266,11 +273,15 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
         Counters::add(counter, waiters.len() as u64);
         let now = SystemTime::now();
         for w in waiters {
-            if let Some(latency) = w.published.and_then(|p| now.duration_since(p).ok()) {
+            if let Some(latency) = w
+                .delivery
+                .publish_time
+                .and_then(|p| now.duration_since(p).ok())
+            {
                 self.counters.ack_latency.record(latency);
             }
             self.counters.handling_latency.record(w.received.elapsed());
-            w.ack.ack();
+            w.delivery.ack.ack();
         }
     }
 }

@@ -82,8 +82,12 @@ pub async fn check(
 /// `ack_extension` (also the stream's ack deadline), so a crashed worker's messages return after
 /// at most that long; 60 s by default keeps modack traffic low. `max_lease` bounds how long a
 /// message may wait in the coalescer (busy lease, not-yet-visible retries) before Pub/Sub may
-/// redeliver it; 10 minutes is far above any sync. Flow control bounds memory per process;
-/// the concurrency of syncs is bounded separately by a semaphore.
+/// redeliver it; 10 minutes is far above any sync. Flow control bounds memory per process, by
+/// count (`GMAIL_SYNC_MAX_OUTSTANDING_MESSAGES`) and by bytes
+/// (`GMAIL_SYNC_MAX_OUTSTANDING_BYTES`, 16 MiB by default instead of the client's 100 MiB, which
+/// a publisher of large messages could use to push the pod past its 128 MiB limit; real
+/// notifications are under 200 bytes, so only hostile traffic ever meets that bound). The
+/// concurrency of syncs is bounded separately by a semaphore.
 pub async fn open(
     endpoint: &PubSubEndpoint,
     subscription: &str,
@@ -102,6 +106,7 @@ pub async fn open(
         .set_max_lease_extension(settings.ack_extension)
         .set_max_lease(settings.max_lease)
         .set_max_outstanding_messages(settings.max_outstanding_messages)
+        .set_max_outstanding_bytes(settings.max_outstanding_bytes)
         // Our dispatcher acks or drops every handler before it shuts the stream down, so
         // waiting for processing only flushes the pending acks.
         .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)

@@ -73,7 +73,12 @@ struct FakeQuarantine(Mutex<Vec<String>>);
 
 impl QuarantineSink for FakeQuarantine {
     async fn quarantine(&self, entry: Quarantined<'_>) -> Result<(), StoreError> {
-        self.0.lock().unwrap().push(entry.reason.to_string());
+        self.0.lock().unwrap().push(format!(
+            "{} [{} of {} bytes]",
+            entry.reason(),
+            entry.data().len(),
+            entry.data_len()
+        ));
         Ok(())
     }
 }
@@ -93,10 +98,12 @@ fn settings(shutdown_timeout: Duration) -> ConsumerSettings {
     ConsumerSettings {
         max_concurrent_syncs: 4,
         max_outstanding_messages: 100,
+        max_outstanding_bytes: 1 << 20,
         ack_extension: Duration::from_secs(60),
         max_lease: Duration::from_secs(600),
         shutdown_timeout,
         sync_retries: 8,
+        history_lag: HISTORY_LAG,
     }
 }
 
@@ -198,6 +205,7 @@ impl Bed {
 }
 
 const GRACE: Duration = Duration::from_secs(30);
+const HISTORY_LAG: Duration = Duration::from_secs(20);
 
 #[tokio::test(start_paused = true)]
 async fn a_sync_in_flight_at_shutdown_finishes_and_is_acked() {
@@ -313,6 +321,54 @@ async fn malformed_messages_are_quarantined_then_acked() {
         "{reasons:?}"
     );
     assert!(bed.sync_starts().is_empty());
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversize_payload_is_quarantined_with_its_first_bytes_only() {
+    let mut bed = Bed::start(GRACE, vec![]);
+    let big = "x".repeat(1_000_000);
+    bed.send("big", &big);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(bed.log(), vec!["ack:big"]);
+    let reasons = bed.quarantine.0.lock().unwrap().clone();
+    assert_eq!(
+        reasons,
+        vec!["payload of 1000000 bytes exceeds 4096 [256 of 1000000 bytes]".to_string()]
+    );
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+/// A historyId Gmail's history never reaches: re-read with backoff for GMAIL_SYNC_HISTORY_LAG_SECS,
+/// then quarantined and acked; no sync runs for it after that.
+#[tokio::test(start_paused = true)]
+async fn a_notification_history_never_reaches_is_quarantined_after_the_lag() {
+    let behind = Step::Covered {
+        after: Duration::from_millis(10),
+        cursor: 40,
+    };
+    let mut bed = Bed::start(GRACE, vec![behind; 100]);
+    bed.notify("ahead", "a@x.com", 1_000_000);
+    tokio::time::sleep(HISTORY_LAG + Duration::from_secs(5)).await;
+    let starts = bed.sync_starts();
+    assert_eq!(bed.log(), vec!["ack:ahead"]);
+    let reasons = bed.quarantine.0.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].starts_with("historyId 1000000 never reached"),
+        "{reasons:?}"
+    );
+    // 0, 0.5, 1.5, 3.5, 7.5, 15.5 s, then at the lag (20 s): seven reads of history in all.
+    assert_eq!(starts.len(), 7, "{starts:?}");
+    let last = starts.last().unwrap().0;
+    assert!(
+        last >= HISTORY_LAG && last < HISTORY_LAG + Duration::from_secs(1),
+        "{starts:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(bed.sync_starts().len(), 7, "nothing more for it");
     bed.shutdown.cancel();
     bed.finished().await;
 }

@@ -21,13 +21,14 @@
 //! Field names are short and times in seconds on purpose: an idle mailbox (state hash plus its
 //! schedule entry) stays within 300 bytes of Redis memory (300 B measured by
 //! `examples/scheduler.rs` with 100,000 mailboxes on Redis 7.0).
-//! | `{P}:quarantine` | stream | malformed notifications: `reason`, `data` (original bytes), `message_id`, `publish_time`, `received_at` |
+//! | `{P}:quarantine` | stream | rejected notifications (malformed, or ahead of Gmail's history for too long), every field bounded (see [`quarantine`]): `reason`, `data` (the payload's first 256 bytes), `data_len`, `message_id`, `publish_time`, `received_at` |
 
 mod connection;
 mod credential;
 mod keys;
 mod lease;
 mod lifecycle;
+pub mod quarantine;
 mod schema;
 
 pub use connection::RedisConnection;
@@ -38,6 +39,7 @@ pub use lifecycle::{
     AttentionKind, AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor,
     MailboxStatus, WatchPlan,
 };
+pub use quarantine::Quarantined;
 pub use schema::{ChangeEntry, ChangeKind, ResyncReason, SCHEMA_VERSION};
 
 use crate::config::{RedisTarget, StoreSettings};
@@ -103,15 +105,6 @@ pub enum LeaseAfterCommit {
     Keep,
     /// The sync is done: drop the lease.
     Release,
-}
-
-/// A malformed message on its way to the quarantine stream.
-#[derive(Debug, Clone)]
-pub struct Quarantined<'a> {
-    pub reason: &'a str,
-    pub data: &'a [u8],
-    pub message_id: &'a str,
-    pub publish_time: &'a str,
 }
 
 #[derive(Clone)]
@@ -299,7 +292,8 @@ impl Store {
         raw.map(|r| parse_cursor(&r)).transpose()
     }
 
-    /// Copies a malformed message to the quarantine stream (invariant I6).
+    /// Copies a rejected message to the quarantine stream (invariant I6). Every field of `q` is
+    /// bounded, so one entry costs at most `quarantine::QUARANTINE_ENTRY_MEMORY`.
     pub async fn quarantine(&self, q: &Quarantined<'_>) -> Result<(), StoreError> {
         let now_ms = now_ms();
         let key = self.keys.quarantine();
@@ -314,13 +308,15 @@ impl Store {
                         .arg(self.quarantine_maxlen)
                         .arg("*")
                         .arg("reason")
-                        .arg(q.reason)
+                        .arg(q.reason())
                         .arg("data")
-                        .arg(q.data)
+                        .arg(q.data())
+                        .arg("data_len")
+                        .arg(q.data_len())
                         .arg("message_id")
-                        .arg(q.message_id)
+                        .arg(q.message_id())
                         .arg("publish_time")
-                        .arg(q.publish_time)
+                        .arg(q.publish_time())
                         .arg("received_at")
                         .arg(now_ms);
                     cmd
