@@ -3,8 +3,8 @@
 //!
 //! Invariant tests (a worker started exactly as `main` starts one), one file per topic:
 //! `end_to_end`, `ack_and_commit` (I1, I2), `duplicates` (I4), `resync` (I5), `bad_input` (I6),
-//! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`; the commit script directly: `store`;
-//! the real binary as processes: `processes`.
+//! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`, `redis_tls` (TLS and logins); the
+//! commit script directly: `store`; the real binary as processes: `processes`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -16,6 +16,7 @@ mod harness;
 mod lifecycle;
 mod processes;
 mod redis_faults;
+mod redis_tls;
 mod resync;
 mod shutdown;
 mod store;
