@@ -12,8 +12,8 @@
 //! (each shard stream lives in its own slot). Blocking reads need their own connection: a
 //! multiplexed connection would stall every other command behind them.
 
-use gmail_sync::config::{Config, RedisTarget};
-use gmail_sync::store::KeyLayout;
+use gmail_sync::config::{Config, RedisNodes};
+use gmail_sync::store::{KeyLayout, single_client};
 use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 
@@ -29,11 +29,12 @@ async fn main() -> anyhow::Result<()> {
     let consumer = positional.next().cloned().unwrap_or_else(|| "c1".into());
 
     let config = Config::from_env()?;
-    let RedisTarget::Single(url) = &config.redis else {
+    let RedisNodes::Single(_) = &config.redis.nodes else {
         anyhow::bail!("this example reads a single Redis; set GMAIL_SYNC_REDIS_URL");
     };
     let keys = KeyLayout::new(&config.store.key_prefix, config.store.shards);
-    let mut con = redis::Client::open(url.as_str())?
+    // The worker's client: rediss://, the CA file and the password file work here too.
+    let mut con = single_client(&config.redis)?
         .get_multiplexed_async_connection()
         .await?;
     let streams = keys.streams();

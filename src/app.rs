@@ -225,6 +225,10 @@ pub async fn connect_store(config: &Config) -> anyhow::Result<Store> {
     };
     match tokio::time::timeout(STARTUP_DEADLINE, connect).await {
         Ok(Ok(store)) => Ok(store),
+        // A connect error names the node, what failed and what to check itself.
+        Ok(Err(e @ crate::store::StoreError::Connect { .. })) => {
+            Err(anyhow::anyhow!("cannot use Redis: {e}"))
+        }
         Ok(Err(e)) => Err(anyhow::anyhow!(
             "cannot use Redis at {}: {e} (check GMAIL_SYNC_REDIS_URL / GMAIL_SYNC_REDIS_CLUSTER_NODES)",
             config.redis.describe()

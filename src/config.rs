@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 // Constants for the names that code outside the definition refers to (`require_subscription`,
-// `require_topic`, the Redis URL check), so that each name is still written once.
+// `require_topic`, the Redis URL and CA checks), so that each name is still written once.
 const SUBSCRIPTION: &str = "GMAIL_SYNC_SUBSCRIPTION";
 const TOPIC: &str = "GMAIL_SYNC_TOPIC";
 const REDIS_URL: &str = "GMAIL_SYNC_REDIS_URL";
@@ -26,6 +26,7 @@ pub(crate) const TOKEN_KEY_PREVIOUS_FILE: &str = "GMAIL_SYNC_TOKEN_KEY_PREVIOUS_
 const LOG_HASH_KEY_FILE: &str = "GMAIL_SYNC_LOG_HASH_KEY_FILE";
 const MAX_LEASE: &str = "GMAIL_SYNC_MAX_LEASE_SECS";
 const HISTORY_LAG: &str = "GMAIL_SYNC_HISTORY_LAG_SECS";
+const REDIS_CA_FILE: &str = "GMAIL_SYNC_REDIS_CA_FILE";
 
 /// Every environment variable gmail-sync reads or documents, in the order `--help` and README.md
 /// list them. A field's doc comment is the variable's meaning, then an `e.g. EXAMPLE` paragraph;
@@ -49,7 +50,8 @@ struct Environment {
     #[arg(long, env = TOPIC, value_parser = resource_name("topics"))]
     topic: Option<String>,
 
-    /// Redis URL (single node); ignored when GMAIL_SYNC_REDIS_CLUSTER_NODES is set
+    /// Redis URL (single node), redis:// or rediss:// (TLS); ignored when
+    /// GMAIL_SYNC_REDIS_CLUSTER_NODES is set
     ///
     /// e.g. rediss://:password@redis.internal:6380/0
     // No value parser: an ignored URL is not checked (as before), so `into_config` checks it
@@ -57,7 +59,8 @@ struct Environment {
     #[arg(long, env = REDIS_URL, hide_env_values = true, default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
 
-    /// Comma-separated Redis Cluster seed nodes; enables cluster mode
+    /// Comma-separated Redis Cluster seed nodes, all redis:// or all rediss:// (TLS); enables
+    /// cluster mode
     ///
     /// e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379
     #[arg(
@@ -66,7 +69,27 @@ struct Environment {
         hide_env_values = true,
         value_parser = redis_cluster_nodes
     )]
-    redis_cluster: Option<RedisTarget>,
+    redis_cluster: Option<RedisNodes>,
+
+    /// PEM file of the CA certificate(s) that signed the Redis server certificate, for
+    /// rediss:// URLs; unset = the system's trusted roots
+    ///
+    /// e.g. /var/secrets/redis/server-ca.pem
+    #[arg(long, env = REDIS_CA_FILE, value_parser = ca_file)]
+    redis_ca_file: Option<CaFile>,
+
+    /// Redis ACL user; unset = the user in the URL, else Redis's default user
+    ///
+    /// e.g. gmail-sync
+    #[arg(long, env = "GMAIL_SYNC_REDIS_USERNAME")]
+    redis_username: Option<String>,
+
+    /// File holding the Redis password (a trailing newline is dropped); replaces a password
+    /// in the URL
+    ///
+    /// e.g. /var/secrets/redis/password
+    #[arg(long, env = "GMAIL_SYNC_REDIS_PASSWORD_FILE", value_parser = password_file)]
+    redis_password_file: Option<Secret>,
 
     /// Prefix of every Redis key, so several deployments can share one Redis
     /// (letters, digits, - _ . :)
@@ -516,13 +539,57 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Where Redis is and how to log in: what `Store::connect` needs.
 #[derive(Clone, PartialEq, Eq)]
-pub enum RedisTarget {
+pub struct RedisTarget {
+    pub nodes: RedisNodes,
+    /// GMAIL_SYNC_REDIS_USERNAME: replaces the URLs' user.
+    pub username: Option<String>,
+    /// Read from GMAIL_SYNC_REDIS_PASSWORD_FILE at startup: replaces the URLs' password.
+    pub password: Option<Secret>,
+    /// GMAIL_SYNC_REDIS_CA_FILE, read at startup: the roots trusted for `rediss://` instead of
+    /// the system's. Only set with `rediss://` URLs.
+    pub ca: Option<CaFile>,
+}
+
+/// A single node or cluster seed nodes, as `redis://` or `rediss://` URLs (all of one scheme).
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisNodes {
     Single(String),
     Cluster(Vec<String>),
 }
 
+/// PEM certificates read from a CA file (at least one `CERTIFICATE` block).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+}
+
 impl RedisTarget {
+    /// Plain URLs, no user, password or CA of their own.
+    pub fn new(nodes: RedisNodes) -> RedisTarget {
+        RedisTarget {
+            nodes,
+            username: None,
+            password: None,
+            ca: None,
+        }
+    }
+
+    /// Scheme, host and port of each node only: URLs may carry a password, and neither the
+    /// password file's contents nor the user are shown.
+    pub fn describe(&self) -> String {
+        self.nodes.describe()
+    }
+
+    /// Whether the URLs are `rediss://` (they are all of one scheme).
+    pub fn uses_tls(&self) -> bool {
+        self.nodes.uses_tls()
+    }
+}
+
+impl RedisNodes {
     /// URLs may carry a password: show only scheme, host and port.
     pub fn describe(&self) -> String {
         fn host(url: &str) -> String {
@@ -532,19 +599,58 @@ impl RedisTarget {
             format!("{scheme}://{host}")
         }
         match self {
-            RedisTarget::Single(url) => host(url),
-            RedisTarget::Cluster(nodes) => {
+            RedisNodes::Single(url) => host(url),
+            RedisNodes::Cluster(nodes) => {
                 let hosts: Vec<_> = nodes.iter().map(|n| host(n)).collect();
                 format!("cluster[{}]", hosts.join(","))
             }
         }
     }
+
+    pub fn urls(&self) -> &[String] {
+        match self {
+            RedisNodes::Single(url) => std::slice::from_ref(url),
+            RedisNodes::Cluster(nodes) => nodes,
+        }
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        self.urls().iter().any(|url| is_tls_url(url))
+    }
+}
+
+fn is_tls_url(url: &str) -> bool {
+    url.trim_start()
+        .to_ascii_lowercase()
+        .starts_with("rediss://")
 }
 
 /// Redis URLs may carry a password: `Debug` shows only what `describe` shows.
 impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())?;
+        if let Some(user) = &self.username {
+            write!(f, " user {user}")?;
+        }
+        if self.password.is_some() {
+            f.write_str(" password [redacted]")?;
+        }
+        if let Some(ca) = &self.ca {
+            write!(f, " ca {}", ca.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RedisNodes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.describe())
+    }
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaFile({})", self.path.display())
     }
 }
 
@@ -813,8 +919,9 @@ impl Config {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
-    /// Loads from any lookup (tests pass a map); nothing else is read. Empty values count as
-    /// unset.
+    /// Loads from any lookup (tests pass a map); no other variable is read. The files that
+    /// variables name (the Redis CA and password files) are read here, so that a missing one
+    /// stops startup naming its variable. Empty values count as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         Environment::parse(&lookup)?.into_config()
     }
@@ -872,6 +979,9 @@ impl Environment {
             topic,
             redis_url,
             redis_cluster,
+            redis_ca_file,
+            redis_username,
+            redis_password_file,
             key_prefix,
             shards,
             stream_maxlen,
@@ -971,13 +1081,42 @@ impl Environment {
                 None => LogHashKey::random(),
             }),
         };
-        let redis = match redis_cluster {
+        let nodes = match redis_cluster {
             Some(cluster) => cluster,
             None => {
                 redis_url_is_valid(&redis_url)
                     .map_err(|expected| variable(REDIS_URL).refuse(&expected, &redis_url))?;
-                RedisTarget::Single(redis_url)
+                RedisNodes::Single(redis_url)
             }
+        };
+        if redis_ca_file.is_some() && !nodes.uses_tls() {
+            // A CA for a plain connection would be ignored: the operator meant TLS.
+            return Err(ConfigError {
+                name: REDIS_CA_FILE,
+                problem: format!(
+                    "set, but Redis is reached without TLS ({}): use rediss:// URLs, or unset it",
+                    nodes.describe()
+                ),
+            });
+        }
+        let url_has_password = || {
+            nodes.urls().iter().any(|url| {
+                redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                    .is_ok_and(|info| info.redis_settings().password().is_some())
+            })
+        };
+        if redis_username.is_some() && redis_password_file.is_none() && !url_has_password() {
+            // Redis logs in only with a password: a user alone would be ignored.
+            return Err(ConfigError {
+                name: "GMAIL_SYNC_REDIS_USERNAME",
+                problem: "set without a password: set GMAIL_SYNC_REDIS_PASSWORD_FILE too".into(),
+            });
+        }
+        let redis = RedisTarget {
+            nodes,
+            username: redis_username,
+            password: redis_password_file,
+            ca: redis_ca_file,
         };
         Ok(Config {
             subscription,
@@ -1221,7 +1360,7 @@ fn redis_url_is_valid(url: &str) -> Result<(), String> {
         .map_err(|_| "expected a redis:// or rediss:// URL (e.g. redis://127.0.0.1:6379/)".into())
 }
 
-fn redis_cluster_nodes(value: &str) -> Result<RedisTarget, String> {
+fn redis_cluster_nodes(value: &str) -> Result<RedisNodes, String> {
     let nodes: Vec<String> = value
         .split(',')
         .map(|node| node.trim().to_string())
@@ -1233,7 +1372,49 @@ fn redis_cluster_nodes(value: &str) -> Result<RedisTarget, String> {
     if nodes.is_empty() {
         return Err("expected at least one redis:// URL".into());
     }
-    Ok(RedisTarget::Cluster(nodes))
+    if nodes.iter().any(|n| is_tls_url(n)) != nodes.iter().all(|n| is_tls_url(n)) {
+        return Err(
+            "expected the same scheme on every node (all redis:// or all rediss://)".into(),
+        );
+    }
+    Ok(RedisNodes::Cluster(nodes))
+}
+
+/// A file read at startup; the error names the path and the reason, never the contents.
+fn read_file(path: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("expected a readable file ({e})"))
+}
+
+/// PEM CA certificates, checked here so that a wrong file stops startup rather than every
+/// connection attempt.
+fn ca_file(value: &str) -> Result<CaFile, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = read_file(value)?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("expected PEM certificates ({e})"))?;
+    if certificates.is_empty() {
+        return Err("expected PEM certificates (-----BEGIN CERTIFICATE-----), found none".into());
+    }
+    Ok(CaFile {
+        path: PathBuf::from(value),
+        pem,
+    })
+}
+
+/// The password file's contents less one trailing newline (`echo` and most secret stores add
+/// one; a password cannot end with one).
+fn password_file(value: &str) -> Result<Secret, String> {
+    let bytes = read_file(value)?;
+    let text = String::from_utf8(bytes).map_err(|_| "expected a UTF-8 text file".to_string())?;
+    let password = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if password.is_empty() {
+        return Err("expected a file holding the password, found an empty one".into());
+    }
+    Ok(Secret::new(password))
 }
 
 /// 1-64 characters that cannot break a key or its `{...}` hash tag.
@@ -1580,6 +1761,123 @@ mod tests {
         );
     }
 
+    /// A file in a fresh directory of its own, for the file-reading variables.
+    fn temp_file(name: &str, contents: &[u8]) -> String {
+        let dir = std::env::temp_dir().join(format!(
+            "gmail-sync-config-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.display().to_string()
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn redis_tls_and_password_file_are_read() {
+        let password = temp_file("password", b"s3cret-pw\n");
+        let ca = temp_file("ca.pem", PEM.as_bytes());
+        let c = load(&[
+            ("GMAIL_SYNC_REDIS_URL", "rediss://redis.internal:6380/0"),
+            ("GMAIL_SYNC_REDIS_CA_FILE", &ca),
+            ("GMAIL_SYNC_REDIS_USERNAME", "gmail-sync"),
+            ("GMAIL_SYNC_REDIS_PASSWORD_FILE", &password),
+        ])
+        .unwrap();
+        assert!(c.redis.uses_tls());
+        assert_eq!(c.redis.describe(), "rediss://redis.internal:6380");
+        assert_eq!(
+            c.redis.password.as_ref().map(Secret::expose),
+            Some("s3cret-pw")
+        );
+        assert_eq!(c.redis.username.as_deref(), Some("gmail-sync"));
+        assert_eq!(
+            c.redis.ca.as_ref().map(|ca| ca.pem.as_slice()),
+            Some(PEM.as_bytes())
+        );
+        assert!(!format!("{c:?}").contains("s3cret-pw"));
+        // CRLF too; a password of its own stays as it is.
+        let crlf = temp_file("password", b"pw\r\n");
+        let c = load(&[("GMAIL_SYNC_REDIS_PASSWORD_FILE", &crlf)]).unwrap();
+        assert_eq!(c.redis.password.unwrap().expose(), "pw");
+        // Cluster: every node rediss://.
+        let c = load(&[
+            (
+                "GMAIL_SYNC_REDIS_CLUSTER_NODES",
+                "rediss://10.0.0.1:6379,rediss://10.0.0.2:6379",
+            ),
+            ("GMAIL_SYNC_REDIS_CA_FILE", &ca),
+        ])
+        .unwrap();
+        assert!(c.redis.uses_tls() && c.redis.ca.is_some());
+    }
+
+    #[test]
+    fn redis_files_and_tls_mistakes_name_the_variable() {
+        let empty = temp_file("password", b"\n");
+        let not_pem = temp_file("ca.pem", b"hello");
+        let ca = temp_file("ca.pem", PEM.as_bytes());
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: [Case; 6] = [
+            (
+                &[("GMAIL_SYNC_REDIS_PASSWORD_FILE", "/nonexistent/password")],
+                "GMAIL_SYNC_REDIS_PASSWORD_FILE",
+                "expected a readable file (No such file or directory (os error 2)), got \"/nonexistent/password\"",
+            ),
+            (
+                &[("GMAIL_SYNC_REDIS_PASSWORD_FILE", &empty)],
+                "GMAIL_SYNC_REDIS_PASSWORD_FILE",
+                "found an empty one",
+            ),
+            (
+                &[
+                    ("GMAIL_SYNC_REDIS_URL", "rediss://h:6380"),
+                    ("GMAIL_SYNC_REDIS_CA_FILE", "/nonexistent/ca.pem"),
+                ],
+                "GMAIL_SYNC_REDIS_CA_FILE",
+                "expected a readable file",
+            ),
+            (
+                &[
+                    ("GMAIL_SYNC_REDIS_URL", "rediss://h:6380"),
+                    ("GMAIL_SYNC_REDIS_CA_FILE", &not_pem),
+                ],
+                "GMAIL_SYNC_REDIS_CA_FILE",
+                "found none",
+            ),
+            (
+                &[("GMAIL_SYNC_REDIS_CA_FILE", &ca)],
+                "GMAIL_SYNC_REDIS_CA_FILE",
+                "use rediss:// URLs",
+            ),
+            (
+                &[("GMAIL_SYNC_REDIS_USERNAME", "gmail-sync")],
+                "GMAIL_SYNC_REDIS_USERNAME",
+                "GMAIL_SYNC_REDIS_PASSWORD_FILE",
+            ),
+        ];
+        for (pairs, name, expected) in cases {
+            let err = load(pairs).unwrap_err();
+            assert_eq!(err.name, name, "{err}");
+            assert!(err.problem.contains(expected), "{err}");
+        }
+        let err = load(&[(
+            "GMAIL_SYNC_REDIS_CLUSTER_NODES",
+            "rediss://10.0.0.1:6379,redis://10.0.0.2:6379",
+        )])
+        .unwrap_err();
+        assert!(err.problem.contains("same scheme"), "{err}");
+        // A user with the URL's password is fine.
+        load(&[
+            ("GMAIL_SYNC_REDIS_URL", "redis://:pw@h:6379"),
+            ("GMAIL_SYNC_REDIS_USERNAME", "gmail-sync"),
+        ])
+        .unwrap();
+    }
+
     #[test]
     fn values_are_read_as_before() {
         let c = load(&[
@@ -1602,13 +1900,13 @@ mod tests {
         assert_eq!(c.log_mailbox, MailboxLogStyle::Plain);
         assert_eq!(c.sync.mailbox_lease, Duration::from_millis(1500));
         assert!(
-            matches!(c.redis, RedisTarget::Cluster(ref n) if n == &["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+            matches!(c.redis.nodes, RedisNodes::Cluster(ref n) if n == &["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
         );
         let c = load(&[]).unwrap();
         assert_eq!(c.summary_interval, Some(Duration::from_secs(60)));
         assert_eq!(c.consumer.ack_extension, Duration::from_secs(60));
         assert_eq!(c.gmail.api_url, "https://gmail.googleapis.com");
-        assert!(c.redis == RedisTarget::Single("redis://127.0.0.1:6379/".into()));
+        assert!(c.redis == RedisTarget::new(RedisNodes::Single("redis://127.0.0.1:6379/".into())));
     }
 
     #[test]

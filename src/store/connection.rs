@@ -1,10 +1,12 @@
-//! The Redis connection: a single node or a cluster behind one type, and the retry rule for
-//! idempotent operations.
+//! The Redis connection: a single node or a cluster behind one type, plain or TLS
+//! (`rediss://`, rustls), with the user and password of the URL or of the configuration; why
+//! a connection failed, in words an operator can act on; and the retry rule for idempotent
+//! operations.
 
 use super::StoreError;
-use crate::config::RedisTarget;
+use crate::config::{RedisNodes, RedisTarget};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
 use std::time::Duration;
 
 /// Connecting to a node gives up after this long (the caller reports Redis as unreachable).
@@ -29,30 +31,31 @@ pub enum RedisConnection {
 }
 
 impl RedisConnection {
+    /// Connects (every seed node of a cluster), TLS handshake and AUTH included, and sends one
+    /// PING (a server that wants a password and got none refuses only commands); the error
+    /// says what failed and which setting to check ([`StoreError::Connect`]).
     pub async fn connect(target: &RedisTarget) -> Result<RedisConnection, StoreError> {
-        match target {
-            RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                    .set_number_of_retries(RECONNECT_RETRIES);
-                Ok(RedisConnection::Single(
-                    ConnectionManager::new_with_config(client, config).await?,
-                ))
-            }
-            RedisTarget::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .build()?;
-                Ok(RedisConnection::Cluster(
-                    client.get_async_connection().await?,
-                ))
-            }
-        }
+        let connected = async {
+            let mut conn = match &target.nodes {
+                RedisNodes::Single(_) => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                        .set_number_of_retries(RECONNECT_RETRIES);
+                    let client = single_client(target)?;
+                    RedisConnection::Single(
+                        ConnectionManager::new_with_config(client, config).await?,
+                    )
+                }
+                RedisNodes::Cluster(_) => {
+                    RedisConnection::Cluster(cluster_client(target)?.get_async_connection().await?)
+                }
+            };
+            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            Ok(conn)
+        };
+        connected.await.map_err(|e| connect_error(e, target))
     }
-
     /// Runs an idempotent operation, retrying on connection-level errors.
     pub(super) async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
@@ -104,4 +107,212 @@ impl ConnectionLike for RedisConnection {
 /// Errors worth one more try: the connection dropped, timed out or was refused.
 pub(super) fn is_transient(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal()
+}
+
+/// The client of a single-node target: its URL, with the configured user, password and CA.
+/// Public for tools that need a plain `redis::Client` (e.g. `examples/consume_changes.rs`).
+pub fn single_client(target: &RedisTarget) -> redis::RedisResult<redis::Client> {
+    let [url] = target.nodes.urls() else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "a single-node client needs exactly one URL",
+        )));
+    };
+    if target.uses_tls() {
+        install_crypto_provider();
+    }
+    let info = url.as_str().into_connection_info()?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(username) = &target.username {
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = &target.password {
+        settings = settings.set_password(password.expose());
+    }
+    let info = info.set_redis_settings(settings);
+    match tls_certificates(target) {
+        Some(certificates) => redis::Client::build_with_tls(info, certificates),
+        None => redis::Client::open(info),
+    }
+}
+
+/// The client of a cluster target: its seed nodes, with the configured user, password and CA
+/// applied to every node the cluster reports.
+fn cluster_client(target: &RedisTarget) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    if target.uses_tls() {
+        install_crypto_provider();
+    }
+    let mut builder = redis::cluster::ClusterClientBuilder::new(target.nodes.urls().to_vec())
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT);
+    if let Some(username) = &target.username {
+        builder = builder.username(username);
+    }
+    if let Some(password) = &target.password {
+        builder = builder.password(password.expose());
+    }
+    if let Some(certificates) = tls_certificates(target) {
+        builder = builder.certs(certificates);
+    }
+    builder.build()
+}
+
+/// The configured CA as the roots of the TLS client; `None`: the system's roots (what redis
+/// loads through rustls-native-certs), or no TLS at all.
+fn tls_certificates(target: &RedisTarget) -> Option<TlsCertificates> {
+    target.ca.as_ref().map(|ca| TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.pem.clone()),
+    })
+}
+
+/// Installs aws-lc-rs as rustls's process-wide default CryptoProvider, once.
+///
+/// Why: redis builds its TLS configuration with `rustls::ClientConfig::builder()`, which takes
+/// the process default, and nothing else in the process installs one (reqwest and
+/// google-cloud-* hand aws-lc-rs to their own configurations explicitly). Left alone, rustls
+/// infers the default from its crate features, which works only while exactly one provider
+/// feature is enabled in the whole build: a dependency that also enabled `ring` would make
+/// the first `rediss://` connection panic. Installing it here makes the choice explicit and
+/// keeps one rustls with one provider (aws-lc-rs) for every TLS client of the process.
+/// Harmless if a provider is already installed (that one stays).
+pub fn install_crypto_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// Turns a failed connection into what failed and what to check. Neither the URL nor the
+/// password is part of the text: only the target's scheme, host and port, and variable names.
+fn connect_error(e: redis::RedisError, target: &RedisTarget) -> StoreError {
+    let (failed, hint) = diagnose(&e, target);
+    StoreError::Connect {
+        failed,
+        hint,
+        source: e,
+    }
+}
+
+/// What failed, and what to check or set: from the error's kind and server code, or from the
+/// text of its chain (rustls's reasons, such as `UnknownIssuer`, are only there).
+fn diagnose(e: &redis::RedisError, target: &RedisTarget) -> (String, String) {
+    const URL_VARS: &str = "GMAIL_SYNC_REDIS_URL / GMAIL_SYNC_REDIS_CLUSTER_NODES";
+    let at = target.describe();
+    let tls = target.uses_tls();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    let has = |needle: &str| text.contains(needle);
+    let credentials = || {
+        let password = if target.password.is_some() {
+            "the password in GMAIL_SYNC_REDIS_PASSWORD_FILE"
+        } else {
+            "the password in the URL (or GMAIL_SYNC_REDIS_PASSWORD_FILE)"
+        };
+        let user = if target.username.is_some() {
+            "the user in GMAIL_SYNC_REDIS_USERNAME"
+        } else {
+            "the user in the URL (none: Redis's default user)"
+        };
+        format!("check {password} and {user}")
+    };
+    let trust = || match &target.ca {
+        Some(ca) => format!(
+            "check that GMAIL_SYNC_REDIS_CA_FILE ({}) holds the CA that signed the server \
+             certificate",
+            ca.path.display()
+        ),
+        None => "set GMAIL_SYNC_REDIS_CA_FILE to the CA that signed the server certificate \
+                 (the system's trusted roots do not include it)"
+            .into(),
+    };
+
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || e.code() == Some("WRONGPASS") {
+        return (
+            format!("authentication at {at} failed: Redis refused the user or password"),
+            credentials(),
+        );
+    }
+    if e.code() == Some("NOAUTH") {
+        return (
+            format!("authentication at {at} failed: Redis requires a password, none was given"),
+            "set GMAIL_SYNC_REDIS_PASSWORD_FILE (or a password in the URL)".into(),
+        );
+    }
+    if e.code() == Some("NOPERM") {
+        return (
+            format!("the Redis user may not run a command gmail-sync needs at {at}"),
+            "check the user's ACL rules (gmail-sync needs its keys and scripting)".into(),
+        );
+    }
+    if tls && has("invalid peer certificate") {
+        let (why, hint) = if has("UnknownIssuer") || has("BadSignature") {
+            (
+                "the server certificate is not signed by a trusted CA",
+                trust(),
+            )
+        } else if has("NotValidForName") {
+            (
+                "the server certificate is not valid for the host in the URL",
+                format!(
+                    "check that the host in {URL_VARS} is a name or address the certificate lists"
+                ),
+            )
+        } else if has("Expired") || has("NotValidYet") {
+            (
+                "the server certificate has expired or is not valid yet",
+                "check the Redis server certificate's dates and this machine's clock".into(),
+            )
+        } else {
+            ("the server certificate was refused", trust())
+        };
+        return (format!("TLS handshake with {at} failed: {why}"), hint);
+    }
+    if tls && (has("corrupt message") || has("InvalidContentType") || has("HandshakeFailure")) {
+        return (
+            format!("TLS handshake with {at} failed: the port does not speak TLS"),
+            format!("check {URL_VARS}: rediss:// needs Redis's tls-port, redis:// its plain port"),
+        );
+    }
+    if e.is_connection_refusal() {
+        return (
+            format!("connection to {at} refused"),
+            format!("check that Redis runs and the host and port in {URL_VARS}"),
+        );
+    }
+    if e.is_timeout() {
+        let plain_port = if tls {
+            " (a rediss:// URL on a plain, non-TLS port also waits until this timeout)"
+        } else {
+            ""
+        };
+        return (
+            format!("no answer from {at} within {CONNECT_TIMEOUT:?}"),
+            format!("check the host and port in {URL_VARS}{plain_port} and the network path"),
+        );
+    }
+    if !tls && (e.is_connection_dropped() || e.is_io_error()) {
+        return (
+            format!("Redis at {at} closed the connection"),
+            format!(
+                "check {URL_VARS}: a port that serves TLS needs rediss:// (and maybe \
+                 GMAIL_SYNC_REDIS_CA_FILE)"
+            ),
+        );
+    }
+    if tls && (e.is_connection_dropped() || e.is_io_error()) {
+        return (
+            format!("TLS connection to {at} failed"),
+            format!("check {URL_VARS} and GMAIL_SYNC_REDIS_CA_FILE"),
+        );
+    }
+    (
+        format!("connecting to {at} failed"),
+        format!("check {URL_VARS} and the Redis credentials"),
+    )
 }

@@ -31,7 +31,7 @@ mod lifecycle;
 pub mod quarantine;
 mod schema;
 
-pub use connection::RedisConnection;
+pub use connection::{RedisConnection, install_crypto_provider, single_client};
 pub use credential::{CredentialPage, Replaced};
 pub use keys::KeyLayout;
 pub use lease::Lease;
@@ -59,6 +59,14 @@ pub enum StoreError {
     /// Redis unreachable, timed out, or answered an error: retry later.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Connecting failed: what failed (TLS handshake, authentication, refused, ...), the
+    /// client's own error, and which setting to check. Never contains a password.
+    #[error("{failed} ({source}); {hint}")]
+    Connect {
+        failed: String,
+        hint: String,
+        source: redis::RedisError,
+    },
     /// The mailbox lease expired or was taken over: stop, write nothing.
     #[error("mailbox lease lost")]
     LeaseLost,

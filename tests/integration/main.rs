@@ -3,9 +3,9 @@
 //!
 //! Invariant tests (a worker started exactly as `main` starts one), one file per topic:
 //! `end_to_end`, `ack_and_commit` (I1, I2), `duplicates` (I4), `resync` (I5), `bad_input` (I6),
-//! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`; the commit script directly: `store`;
-//! the real binary as processes: `processes`; refresh tokens sealed at rest and key rotation:
-//! `vault`.
+//! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`, `redis_tls` (TLS and logins); the
+//! commit script directly: `store`; the real binary as processes: `processes`; refresh tokens
+//! sealed at rest and key rotation: `vault`; real Gmail credentials: `credentials`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -18,6 +18,7 @@ mod harness;
 mod lifecycle;
 mod processes;
 mod redis_faults;
+mod redis_tls;
 mod resync;
 mod shutdown;
 mod store;

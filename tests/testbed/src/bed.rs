@@ -25,7 +25,7 @@ use crate::check::{self, StreamEntry};
 use crate::gmail::{GmailSim, SimConfig};
 use crate::process::{ChildGuard, fresh_dir};
 use crate::pubsub::{self, Emulator, TestTopic};
-use crate::redis_server::{self, RedisCluster, RedisServer};
+use crate::redis_server::{self, RedisCluster, RedisServer, Secured, Security};
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::ops::Deref;
@@ -60,9 +60,34 @@ impl Redis {
         }
     }
 
-    /// `redis://127.0.0.1:PORT/` of the single server; `None` for a cluster.
+    /// `redis://127.0.0.1:PORT/` (`rediss://` with TLS) of the single server; `None` for a
+    /// cluster.
     pub fn url(&self) -> Option<String> {
         self.server().map(RedisServer::url)
+    }
+
+    /// Certificates and login of the server or cluster (none for a plain one).
+    pub fn secured(&self) -> &Secured {
+        match self {
+            Redis::Shared(s) => s.secured(),
+            Redis::Own(s) => s.secured(),
+            Redis::Cluster(c) => c.secured(),
+        }
+    }
+
+    /// gmail-sync's Redis variables: the URL or cluster nodes, then the CA file, user and
+    /// password file of a secured Redis.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = match (self.url(), self.cluster_nodes()) {
+            (Some(url), _) => vec![("GMAIL_SYNC_REDIS_URL".to_string(), url)],
+            (None, Some(nodes)) => vec![(
+                "GMAIL_SYNC_REDIS_CLUSTER_NODES".to_string(),
+                nodes.join(","),
+            )],
+            (None, None) => Vec::new(),
+        };
+        env.extend(self.secured().env());
+        env
     }
 
     /// Seed node URLs of the cluster; `None` for a single server.
@@ -81,7 +106,18 @@ pub enum RedisChoice {
     Shared,
     Own,
     Cluster,
+    /// A server of the bed's own, TLS only and with a login ([`Security`]): the worker gets
+    /// `rediss://`, `GMAIL_SYNC_REDIS_CA_FILE` and the user and password file.
+    Secured,
+    /// A cluster of the bed's own, secured the same way (TLS on the cluster bus too).
+    SecuredCluster,
 }
+
+/// TLS and a login: what [`RedisChoice::Secured`] and [`RedisChoice::SecuredCluster`] ask for.
+const SECURED: Security = Security {
+    tls: true,
+    login: true,
+};
 
 /// A process-wide shared instance or one of our own (dropped, and so stopped, with the bed).
 #[derive(Debug)]
@@ -265,10 +301,19 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A plain multiplexed connection to `url` with bounded connect and response times.
 pub async fn connect_single(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    connect_client(redis::Client::open(url)?, url).await
+}
+
+/// A multiplexed connection of `client` (at `url`, for the error) with bounded connect and
+/// response times.
+pub async fn connect_client(
+    client: redis::Client,
+    url: &str,
+) -> Result<redis::aio::MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    redis::Client::open(url)?
+    client
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .with_context(|| format!("connecting to {url}"))
@@ -421,6 +466,12 @@ impl Testbed {
             RedisChoice::Shared => Redis::Shared(redis_server::shared().await?),
             RedisChoice::Own => Redis::Own(blocking(RedisServer::start).await?),
             RedisChoice::Cluster => Redis::Cluster(blocking(RedisCluster::start).await?),
+            RedisChoice::Secured => {
+                Redis::Own(blocking(|| RedisServer::start_with(SECURED)).await?)
+            }
+            RedisChoice::SecuredCluster => {
+                Redis::Cluster(blocking(|| RedisCluster::start_with(SECURED)).await?)
+            }
         };
         let topic = pubsub::unique_topic(&emulator, label, opts.ack_deadline_secs)
             .await
@@ -485,11 +536,7 @@ impl Testbed {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        if let Some(url) = self.redis.url() {
-            env.push(("GMAIL_SYNC_REDIS_URL".into(), url));
-        } else if let Some(nodes) = self.redis.cluster_nodes() {
-            env.push(("GMAIL_SYNC_REDIS_CLUSTER_NODES".into(), nodes.join(",")));
-        }
+        env.extend(self.redis.env());
         let extra = self
             .worker_env
             .iter()
@@ -566,17 +613,20 @@ impl Testbed {
     /// A plain connection to the bed's single Redis (admin commands such as CONFIG SET or
     /// SHUTDOWN); an error for a cluster bed.
     pub async fn connect_single(&self) -> Result<redis::aio::MultiplexedConnection> {
-        let url = self
+        let server = self
             .redis
-            .url()
+            .server()
             .ok_or_else(|| anyhow!("the bed runs a Redis Cluster, not a single server"))?;
-        connect_single(&url).await
+        connect_client(server.client()?, &server.url()).await
     }
 
     /// A connection to the bed's Redis, single server or cluster.
     pub async fn connect(&self) -> Result<RawConnection> {
         if let Some(nodes) = self.redis.cluster_nodes() {
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let client = self
+                .redis
+                .secured()
+                .cluster_builder(nodes)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(RESPONSE_TIMEOUT)
                 .build()?;

@@ -1,7 +1,9 @@
 //! Local test bed for gmail-sync (test support only, never linked into the product binary).
 //!
 //! - [`process`]: child processes stopped by PID (on drop, on panic, and at process exit).
-//! - [`redis_server`]: real `redis-server` instances (single and a three-master cluster).
+//! - [`redis_server`]: real `redis-server` instances (single and a three-master cluster),
+//!   plain or secured (TLS only, logins).
+//! - [`pki`]: a CA and a server certificate made at test time (for TLS Redis).
 //! - [`pubsub`]: Google's Pub/Sub emulator, unique topics and subscriptions per test.
 //! - [`gmail`]: the Gmail API simulator with its ledger (the oracle for every invariant test).
 //! - [`check`]: compares gmail-sync's change streams with the ledger.
@@ -13,6 +15,7 @@ pub mod bed;
 pub mod check;
 pub mod gmail;
 pub mod keys;
+pub mod pki;
 pub mod process;
 pub mod pubsub;
 pub mod redis_server;
