@@ -191,6 +191,12 @@ async fn delegation_with_a_key_file_syncs_each_mailbox_as_its_user() {
         "{said}"
     );
 
+    // No output shows key material (a line from the middle of either private key).
+    let key_line = |sa: &ServiceAccount| sa.private_key_pem.lines().nth(5).unwrap().to_string();
+    for out in [&ok, &out] {
+        assert!(!text(out).contains(&key_line(&sa)) && !text(out).contains(&key_line(&stranger)));
+    }
+
     // A key file that is not a service-account key: startup refuses it, naming the variable.
     std::fs::write(
         dir.join("client.json"),
@@ -513,6 +519,27 @@ async fn refresh_tokens_end_to_end_with_revocation_and_reauthorization() {
         register_with_refresh_token(&mut bed, &dir, m, t, &mut outputs);
     }
     adopt_baselines(&mut bed, &mailboxes).await;
+    // check-config with the secret given as a variable: the checks pass, the value is redacted.
+    let checked = cli(
+        &bed,
+        &["check-config", "--json"],
+        &[
+            ("GMAIL_SYNC_OAUTH_CLIENT_SECRET_FILE", ""),
+            ("GMAIL_SYNC_OAUTH_CLIENT_SECRET", CLIENT_SECRET),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    outputs.push(text(&checked));
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked));
+    let report: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    let setting = report["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "GMAIL_SYNC_OAUTH_CLIENT_SECRET")
+        .cloned()
+        .unwrap();
+    assert_eq!(setting["value"], "[redacted]", "{report}");
     let worker = bed.spawn_worker_process("refresh", &[("RUST_LOG", "trace")]);
     bed.wait_ready(&[&worker]).await;
     for m in &mailboxes {
