@@ -3,8 +3,9 @@
 //!
 //! Exit codes (README, "Exit codes"): 0 ok; 1 failed (a mailbox command failed for at least
 //! one mailbox, `keys rotate` could not reseal some credential, a probe is unhealthy, the worker
-//! could not start); 2 usage or configuration (including a bad token key file); 3 the worker
-//! stopped because one of its tasks ended.
+//! could not start); 2 usage or configuration (including a bad token key file, Gmail
+//! credentials that do not work, any failed `check-config` check); 3 the worker stopped because
+//! one of its tasks ended.
 
 mod check;
 pub(crate) mod credential;
