@@ -8,7 +8,7 @@ use crate::auth::{AuthError, Credentials};
 use crate::config::Config;
 use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
-use crate::health::Health;
+use crate::health::{self, Health, PubSubLink};
 use crate::mailbox::{KeyOrigin, Mailbox, MailboxLogStyle};
 use crate::scheduler::{SchedulePolicy, Scheduler};
 use crate::store::Store;
@@ -71,17 +71,25 @@ pub async fn run(
     shutdown: CancellationToken,
     counters: Arc<Counters>,
 ) -> Result<(), AppError> {
+    // First: files a killed process left must not make this one look live or ready.
+    let health = Health::new(&config.health_dir);
+    health.reset().map_err(AppError::Startup)?;
     let subscription = config.require_subscription()?.to_string();
     // The scheduler renews watches on this topic: without it every mailbox goes deaf in 7 days.
     let topic = config.require_topic()?.to_string();
-    let store = connect_store(&config).await.map_err(AppError::Startup)?;
+    let store = connect_store_until(&config, WhenRefused::RetryUntilDeadline)
+        .await
+        .map_err(AppError::Startup)?;
+    store
+        .warn_if_keys_may_be_evicted(&config.redis.describe())
+        .await;
     let credentials = credentials(&config, &store)?;
     for verified in check_credentials(&config, &credentials).await? {
         tracing::info!(mode = %config.auth.describe(), "credentials: {verified}");
     }
     let gmail = GmailClient::new(&config.gmail, credentials.token_source(), counters.clone())
         .map_err(AppError::Startup)?;
-    subscription::check(&config.pubsub, &subscription, STARTUP_DEADLINE)
+    let checker = subscription::Checker::connect(&config.pubsub, &subscription, STARTUP_DEADLINE)
         .await
         .context("Pub/Sub startup check")
         .map_err(AppError::Startup)?;
@@ -110,8 +118,6 @@ pub async fn run(
         );
     }
 
-    let health = Health::new(&config.health_dir);
-    health.mark_ready().map_err(AppError::Startup)?;
     let tracker = TaskTracker::new();
     let heartbeat = Arc::new(AtomicU64::new(0));
     let mut supervisor = Supervisor::new(tracker.clone());
@@ -124,6 +130,8 @@ pub async fn run(
         config.log_mailbox,
     ));
     let guard = syncer.guard().clone();
+    let link = PubSubLink::default();
+    let checks = health::Checks::new(store.clone(), checker, guard, link.clone());
     let scheduler = Scheduler {
         store: store.clone(),
         gmail,
@@ -144,21 +152,14 @@ pub async fn run(
         heartbeat: heartbeat.clone(),
     };
     supervisor.spawn("consumer", Tier::Worker, move |stop| async move {
-        stream::consume(stream, consumer, stop).await?;
+        stream::consume(stream, consumer, stop, link).await?;
         Ok(())
     });
     supervisor.spawn("scheduler", Tier::Worker, move |stop| scheduler.run(stop));
     supervisor.spawn("health", Tier::Background, {
         let health = health.clone();
-        let readiness: crate::health::Readiness = Box::new(move || match guard.tripped() {
-            None => Ok(()),
-            Some(trip) => Err(format!(
-                "{} of {} mailboxes seen fail with {:?}: a configuration problem",
-                trip.failing, trip.seen, trip.cause
-            )),
-        });
         move |stop| async move {
-            health.keep_alive(heartbeat, readiness, stop).await;
+            health.keep_alive(heartbeat, checks, stop).await;
             Ok(())
         }
     });
@@ -218,12 +219,31 @@ fn task_error(task: &'static str, end: TaskEnd) -> AppError {
 }
 
 pub async fn connect_store(config: &Config) -> anyhow::Result<Store> {
-    let connect = async {
-        let store = Store::connect(&config.redis, &config.store).await?;
-        store.ping().await?;
-        Ok::<_, crate::store::StoreError>(store)
-    };
-    match tokio::time::timeout(STARTUP_DEADLINE, connect).await {
+    connect_store_until(config, WhenRefused::Fail).await
+}
+
+/// What startup does when Redis refuses the connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WhenRefused {
+    /// Admin commands: report it at once.
+    Fail,
+    /// `run`: ask again until [`STARTUP_DEADLINE`].
+    RetryUntilDeadline,
+}
+
+/// With [`WhenRefused::RetryUntilDeadline`] (`run`), a Redis that refuses the connection (not up yet,
+/// restarting, failing over) is asked again until [`STARTUP_DEADLINE`], so a worker restarted
+/// during a short outage connects once Redis is back rather than exiting into the kubelet's
+/// crash-loop backoff. Anything else (a login, TLS or address problem, no answer) fails at
+/// once, as it does for the admin commands.
+async fn connect_store_until(config: &Config, refused: WhenRefused) -> anyhow::Result<Store> {
+    let deadline = tokio::time::Instant::now() + STARTUP_DEADLINE;
+    let connect = Store::connect_and_ping(
+        &config.redis,
+        &config.store,
+        (refused == WhenRefused::RetryUntilDeadline).then_some(deadline),
+    );
+    match tokio::time::timeout_at(deadline, connect).await {
         Ok(Ok(store)) => Ok(store),
         // A connect error names the node, what failed and what to check itself.
         Ok(Err(e @ crate::store::StoreError::Connect { .. })) => {

@@ -58,10 +58,27 @@ pub struct CheckConfigArgs {
 }
 
 #[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
 pub struct HealthArgs {
+    #[command(flatten)]
+    pub which: HealthProbe,
+    /// A heartbeat older than this many seconds fails either probe (the worker's loops
+    /// stopped turning). At least 10: an idle worker beats every 5 s.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = crate::health::MAX_HEARTBEAT_AGE.as_secs(),
+        value_parser = clap::value_parser!(u64).range(crate::health::MIN_HEARTBEAT_AGE.as_secs()..=3600)
+    )]
+    pub max_heartbeat_age: u64,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct HealthProbe {
+    /// Alive: the worker's loops made progress within the heartbeat age.
     #[arg(long)]
     pub live: bool,
+    /// Ready: alive, the Pub/Sub stream open, Redis answering, no mass failure, not stopping.
     #[arg(long)]
     pub ready: bool,
 }
@@ -78,7 +95,8 @@ pub async fn execute(cli: Cli) -> i32 {
     };
     match cli.command {
         Command::Health(args) => {
-            match crate::health::Health::new(&config.health_dir).probe(args.ready) {
+            let max_age = std::time::Duration::from_secs(args.max_heartbeat_age);
+            match crate::health::Health::new(&config.health_dir).probe(args.which.ready, max_age) {
                 Ok(()) => 0,
                 Err(why) => {
                     eprintln!("unhealthy: {why}");

@@ -5,6 +5,7 @@
 //! has drained, shuts the stream down (flushing the acks it batches).
 
 use super::{Ack, Consumer, Deliveries, Delivery, QuarantineSink, SyncRunner};
+use crate::health::PubSubLink;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::MessageStream;
 use google_cloud_pubsub::subscriber::handler::Handler;
@@ -38,17 +39,26 @@ pub enum ConsumerError {
 }
 
 /// Consumes `stream` with `consumer` until `shutdown` is cancelled or the stream fails for
-/// good; returns after the drain.
+/// good; returns after the drain. The reader tells `link` (readiness) when it pulls from the
+/// stream, when messages arrive and when it stops.
 pub(crate) async fn consume<S: SyncRunner, Q: QuarantineSink>(
     stream: MessageStream,
     consumer: Consumer<S, Q>,
     shutdown: CancellationToken,
+    link: PubSubLink,
 ) -> Result<(), ConsumerError> {
     let (tx, receiver) = mpsc::channel::<Delivery<Handler>>(DELIVERY_BUFFER);
     let stop_reading = CancellationToken::new();
-    let reader = consumer
-        .tracker
-        .spawn(read_stream(stream, tx, stop_reading.clone()));
+    let reader = consumer.tracker.spawn({
+        let stop_reading = stop_reading.clone();
+        async move {
+            // The stream opens on the first `next()`: from here on the reader is pulling.
+            link.opened();
+            let read = read_stream(stream, tx, stop_reading, &link).await;
+            link.closed();
+            read
+        }
+    });
     consumer
         .run(
             Deliveries {
@@ -98,6 +108,7 @@ async fn read_stream(
     mut stream: MessageStream,
     tx: mpsc::Sender<Delivery<Handler>>,
     stop: CancellationToken,
+    link: &PubSubLink,
 ) -> Result<Option<MessageStream>, ConsumerError> {
     loop {
         let item = tokio::select! {
@@ -107,6 +118,7 @@ async fn read_stream(
         };
         match item {
             Some(Ok((message, handler))) => {
+                link.answered();
                 // Waiting here is the backpressure: the consumer is behind.
                 let sent = tokio::select! {
                     biased;

@@ -50,29 +50,67 @@ pub async fn check(
     subscription: &str,
     deadline: Duration,
 ) -> Result<(), SubscriptionError> {
-    let mut builder = SubscriptionAdmin::builder().with_credentials(credentials(endpoint)?);
-    if let PubSubEndpoint::Emulator(url) = endpoint {
-        builder = builder.with_endpoint(url.clone());
+    Checker::connect(endpoint, subscription, deadline)
+        .await
+        .map(|_| ())
+}
+
+/// The subscription check, with its admin client kept for later checks (the health task
+/// repeats it while no message arrives: see `health::PubSubLink`).
+#[derive(Clone, Debug)]
+pub struct Checker {
+    admin: SubscriptionAdmin,
+    subscription: String,
+}
+
+impl Checker {
+    /// Builds the admin client and checks the subscription once, both within `deadline`.
+    pub async fn connect(
+        endpoint: &PubSubEndpoint,
+        subscription: &str,
+        deadline: Duration,
+    ) -> Result<Checker, SubscriptionError> {
+        let mut builder = SubscriptionAdmin::builder().with_credentials(credentials(endpoint)?);
+        if let PubSubEndpoint::Emulator(url) = endpoint {
+            builder = builder.with_endpoint(url.clone());
+        }
+        let connect = async {
+            let admin = builder
+                .build()
+                .await
+                .map_err(|e| SubscriptionError::Client(e.to_string()))?;
+            let checker = Checker {
+                admin,
+                subscription: subscription.to_string(),
+            };
+            checker.get().await?;
+            Ok(checker)
+        };
+        match tokio::time::timeout(deadline, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(SubscriptionError::Timeout(deadline)),
+        }
     }
-    let check = async {
-        let admin = builder
-            .build()
-            .await
-            .map_err(|e| SubscriptionError::Client(e.to_string()))?;
-        admin
+
+    /// Reads the subscription once (`GetSubscription`), within `deadline`.
+    pub async fn check(&self, deadline: Duration) -> Result<(), SubscriptionError> {
+        match tokio::time::timeout(deadline, self.get()).await {
+            Ok(result) => result,
+            Err(_) => Err(SubscriptionError::Timeout(deadline)),
+        }
+    }
+
+    async fn get(&self) -> Result<(), SubscriptionError> {
+        self.admin
             .get_subscription()
-            .set_subscription(subscription)
+            .set_subscription(&self.subscription)
             .send()
             .await
+            .map(|_| ())
             .map_err(|e| SubscriptionError::Unusable {
-                subscription: subscription.to_string(),
+                subscription: self.subscription.clone(),
                 detail: e.to_string(),
             })
-    };
-    match tokio::time::timeout(deadline, check).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(SubscriptionError::Timeout(deadline)),
     }
 }
 

@@ -56,6 +56,41 @@ impl RedisConnection {
         };
         connected.await.map_err(|e| connect_error(e, target))
     }
+    /// `maxmemory-policy` of the node (single Redis: `None` for its address, the configured
+    /// one) or of every master of a cluster (named by address), or why that node would not
+    /// say (`CONFIG` is often refused on managed Redis). One round trip per master.
+    pub(super) async fn maxmemory_policies(
+        &self,
+    ) -> redis::RedisResult<Vec<(Option<String>, Result<String, String>)>> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        match self.clone() {
+            RedisConnection::Single(mut c) => {
+                let reply: Value = cmd.query_async(&mut c).await?;
+                Ok(vec![(None, policy_of(reply))])
+            }
+            RedisConnection::Cluster(mut c) => {
+                use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                let reply = c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                    )
+                    .await?;
+                let Value::Map(per_node) = reply else {
+                    return Ok(vec![(None, policy_of(reply))]);
+                };
+                Ok(per_node
+                    .into_iter()
+                    .map(|(node, reply)| {
+                        let node = redis::from_redis_value::<String>(node).ok();
+                        (node, policy_of(reply))
+                    })
+                    .collect())
+            }
+        }
+    }
+
     /// Runs an idempotent operation, retrying on connection-level errors.
     pub(super) async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
@@ -102,6 +137,20 @@ impl ConnectionLike for RedisConnection {
             RedisConnection::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// The policy in a `CONFIG GET maxmemory-policy` reply (a RESP2 array of name and value, or
+/// a RESP3 map), or the node's error (e.g. `CONFIG` refused).
+fn policy_of(reply: Value) -> Result<String, String> {
+    if let Value::ServerError(e) = &reply {
+        return Err(format!("{e:?}"));
+    }
+    let pairs: std::collections::HashMap<String, String> =
+        redis::from_redis_value(reply).map_err(|e| e.to_string())?;
+    pairs
+        .get("maxmemory-policy")
+        .cloned()
+        .ok_or_else(|| "no maxmemory-policy in the reply".to_string())
 }
 
 /// Errors worth one more try: the connection dropped, timed out or was refused.
@@ -315,4 +364,22 @@ fn diagnose(e: &redis::RedisError, target: &RedisTarget) -> (String, String) {
         format!("connecting to {at} failed"),
         format!("check {URL_VARS} and the Redis credentials"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_policy_is_read_from_resp2_and_resp3_replies() {
+        let resp2 = Value::Array(vec![bulk("maxmemory-policy"), bulk("allkeys-lru")]);
+        assert_eq!(policy_of(resp2), Ok("allkeys-lru".to_string()));
+        let resp3 = Value::Map(vec![(bulk("maxmemory-policy"), bulk("noeviction"))]);
+        assert_eq!(policy_of(resp3), Ok("noeviction".to_string()));
+        assert!(policy_of(Value::Array(vec![])).is_err());
+    }
 }

@@ -83,11 +83,42 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Connecting failed because nothing accepts connections at the address (Redis not up
+    /// yet, restarting, failing over), as opposed to a login, TLS or address problem.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            StoreError::Connect { source, .. } | StoreError::Redis(source) => {
+                source.is_connection_refusal()
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             StoreError::Redis(_) | StoreError::LeaseLost | StoreError::Conflict(_)
         )
+    }
+}
+
+/// What a `maxmemory-policy` may evict of gmail-sync's keys; `None` for `noeviction`.
+pub(crate) fn eviction_risk(policy: &str) -> Option<&'static str> {
+    let policy = policy.trim().to_ascii_lowercase();
+    if policy == "noeviction" {
+        None
+    } else if policy.starts_with("allkeys-") {
+        Some(
+            "any key, including mailbox cursors, the schedule, stored credentials and the \
+             change streams (state gmail-sync cannot rebuild)",
+        )
+    } else if policy.starts_with("volatile-") {
+        Some(
+            "keys with a TTL: the mailbox leases and scheduler claims that keep two workers \
+             off one mailbox",
+        )
+    } else {
+        Some("keys by a policy gmail-sync does not know")
     }
 }
 
@@ -115,6 +146,9 @@ pub enum LeaseAfterCommit {
     Release,
 }
 
+/// Pause between two attempts of [`Store::connect_and_ping`] while Redis refuses connections.
+const REFUSED_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[derive(Clone)]
 pub struct Store {
     conn: RedisConnection,
@@ -130,6 +164,36 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let conn = RedisConnection::connect(target).await?;
         Ok(Store::new(conn, settings))
+    }
+
+    /// Connects and PINGs. With `wait_while_refused`, a Redis that refuses the connection
+    /// (not up yet, restarting, failing over) is asked again every `REFUSED_RETRY` (500 ms)
+    /// until that instant; any other failure returns at once. The caller bounds the whole.
+    pub async fn connect_and_ping(
+        target: &RedisTarget,
+        settings: &StoreSettings,
+        wait_while_refused: Option<tokio::time::Instant>,
+    ) -> Result<Store, StoreError> {
+        let mut said = false;
+        loop {
+            let attempt = async {
+                let store = Store::connect(target, settings).await?;
+                store.ping().await?;
+                Ok::<_, StoreError>(store)
+            };
+            match (attempt.await, wait_while_refused) {
+                (Err(e), Some(until))
+                    if e.is_refused() && tokio::time::Instant::now() + REFUSED_RETRY < until =>
+                {
+                    if !said {
+                        tracing::warn!(error = %e, "Redis refuses connections; trying again");
+                        said = true;
+                    }
+                    tokio::time::sleep(REFUSED_RETRY).await;
+                }
+                (done, _) => return done,
+            }
+        }
     }
 
     pub fn new(conn: RedisConnection, settings: &StoreSettings) -> Store {
@@ -149,6 +213,48 @@ impl Store {
         let mut c = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
+    }
+
+    /// Warns (one line) when Redis's `maxmemory-policy` may evict gmail-sync's keys, on the
+    /// node or on any master of a cluster; `at` names the configured Redis. Where `CONFIG GET`
+    /// is refused (managed Redis such as Memorystore) it says so at debug level and moves on.
+    pub async fn warn_if_keys_may_be_evicted(&self, at: &str) {
+        const NOT_CHECKED: &str =
+            "cannot read Redis's maxmemory-policy (CONFIG GET refused?); not checked";
+        let policies = match self.conn.maxmemory_policies().await {
+            Ok(policies) => policies,
+            Err(e) => {
+                tracing::debug!(error = %e, redis = at, "{NOT_CHECKED}");
+                return;
+            }
+        };
+        let mut evicting = Vec::new();
+        let mut worst = None;
+        for (node, policy) in policies {
+            let node = node.unwrap_or_else(|| at.to_string());
+            match policy {
+                Ok(policy) => {
+                    if let Some(what) = eviction_risk(&policy) {
+                        evicting.push(format!("{node}: {policy}"));
+                        worst.get_or_insert((policy, what));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, redis = %node, "{NOT_CHECKED}")
+                }
+            }
+        }
+        if let Some((policy, what)) = worst {
+            tracing::warn!(
+                redis = at,
+                maxmemory_policy = %evicting.join(", "),
+                "Redis's maxmemory-policy is {policy}: when Redis reaches maxmemory it evicts \
+                 {what}. Set maxmemory-policy to noeviction (redis.conf, CONFIG SET maxmemory-policy \
+                 noeviction, or the managed instance's maxmemory-policy setting): a full Redis \
+                 then refuses writes, which gmail-sync retries without acking, instead of \
+                 dropping its state"
+            );
+        }
     }
 
     /// Reads the cursor and, if it is behind `target`, takes the mailbox lease with `token`.
@@ -346,4 +452,29 @@ pub(crate) fn now_ms() -> u64 {
 fn parse_cursor(raw: &str) -> Result<HistoryId, StoreError> {
     raw.parse()
         .map_err(|_| StoreError::Protocol(format!("stored cursor is not a historyId: {raw:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eviction_risk;
+
+    #[test]
+    fn only_noeviction_keeps_every_key() {
+        assert_eq!(eviction_risk("noeviction"), None);
+        assert_eq!(eviction_risk(" NoEviction "), None);
+        for policy in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-random",
+            "volatile-ttl",
+            "something-new",
+        ] {
+            assert!(eviction_risk(policy).is_some(), "{policy}");
+        }
+        assert!(eviction_risk("allkeys-lru").unwrap().contains("cursors"));
+        assert!(eviction_risk("volatile-ttl").unwrap().contains("leases"));
+    }
 }

@@ -4,8 +4,9 @@
 //! Invariant tests (a worker started exactly as `main` starts one), one file per topic:
 //! `end_to_end`, `ack_and_commit` (I1, I2), `duplicates` (I4), `resync` (I5), `bad_input` (I6),
 //! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`, `redis_tls` (TLS and logins); the
-//! commit script directly: `store`; the real binary as processes: `processes`; refresh tokens
-//! sealed at rest and key rotation: `vault`; real Gmail credentials: `credentials`.
+//! commit script directly: `store`; the real binary as processes: `processes`, and its health
+//! probes: `health`; refresh tokens sealed at rest and key rotation: `vault`; real Gmail
+//! credentials: `credentials`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -15,6 +16,7 @@ mod duplicates;
 mod end_to_end;
 mod gmail_errors;
 mod harness;
+mod health;
 mod lifecycle;
 mod processes;
 mod redis_faults;

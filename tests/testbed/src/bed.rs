@@ -323,9 +323,11 @@ pub async fn connect_client(
 /// `exited` is asked on every round whether the worker is gone (`Some(why)`), so a worker that
 /// failed at startup is reported at once rather than at the timeout.
 ///
-/// The worker writes `ready` after its startup checks, once `subscribe(..).build()` returned
-/// its message stream. `build()` spawns the task that opens the StreamingPull RPC, so the
-/// stream may attach to the emulator a moment after the file appears. On the fresh
+/// The worker writes `ready` once its reader pulls from the message stream and Pub/Sub
+/// answered since (a subscription check), Redis answered a PING, and nothing else holds it
+/// back (gmail-sync's `health` module). The stream opens the StreamingPull RPC on its first
+/// pull and says nothing when it has attached, so it may attach to the emulator a moment
+/// after the file appears. On the fresh
 /// subscription of a bed that is enough to publish right away: messages published before the
 /// first stream attaches wait in the subscription (the stranding the emulator notes describe
 /// comes after a stream was *cancelled*). Measured while writing this (in-process workers, 75
@@ -373,7 +375,7 @@ impl WorkerProcess {
         &self.health_dir
     }
 
-    /// True while the worker's ready file exists (from its startup until shutdown begins).
+    /// True while the worker's ready file exists (connected, and not shutting down).
     pub fn is_ready(&self) -> bool {
         self.health_dir.join("ready").exists()
     }
@@ -404,6 +406,23 @@ impl WorkerProcess {
             // SAFETY: kill(2) on our own child, which is not reaped yet (`is_running` said so),
             // so its PID cannot have been reused.
             unsafe { libc::kill(self.guard.pid() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
+    /// SIGSTOP: the whole process freezes (every loop, every timer) until [`Self::resume`],
+    /// as a process stuck for good would look from outside. Does nothing if it has exited.
+    pub fn pause(&self) {
+        if self.guard.is_running() {
+            // SAFETY: as in `sigterm`.
+            unsafe { libc::kill(self.guard.pid() as libc::pid_t, libc::SIGSTOP) };
+        }
+    }
+
+    /// SIGCONT after [`Self::pause`]. Does nothing if the worker has exited.
+    pub fn resume(&self) {
+        if self.guard.is_running() {
+            // SAFETY: as in `sigterm`.
+            unsafe { libc::kill(self.guard.pid() as libc::pid_t, libc::SIGCONT) };
         }
     }
 

@@ -348,6 +348,8 @@ pub struct RedisServer {
     dir: PathBuf,
     port: u16,
     secured: Secured,
+    /// More `redis-server` arguments, kept for [`Self::restart`].
+    extra: Vec<String>,
     child: Mutex<ChildGuard>,
 }
 
@@ -359,19 +361,27 @@ impl RedisServer {
 
     /// [`Self::start`], secured as `security` asks (TLS only, logins). Blocking.
     pub fn start_with(security: Security) -> Result<RedisServer> {
+        RedisServer::start_with_args(security, &[])
+    }
+
+    /// [`Self::start_with`], with more `redis-server` arguments (e.g. `--maxmemory-policy
+    /// allkeys-lru`), given again on every [`Self::restart`]. Blocking.
+    pub fn start_with_args(security: Security, extra: &[&str]) -> Result<RedisServer> {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let bin = redis_server_bin()?;
         let dir = fresh_dir("redis")?;
         let secured = Secured::new(security, &dir)?;
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            match spawn_server(&bin, &dir, port, &secured, &[], "redis-server") {
+            match spawn_server(&bin, &dir, port, &secured, &extra, "redis-server") {
                 Ok(child) => {
                     return Ok(RedisServer {
                         bin,
                         dir,
                         port,
                         secured,
+                        extra,
                         child: Mutex::new(child),
                     });
                 }
@@ -444,7 +454,7 @@ impl RedisServer {
                 &self.dir,
                 self.port,
                 &self.secured,
-                &[],
+                &self.extra,
                 "redis-server",
             ) {
                 Ok(new) => {
