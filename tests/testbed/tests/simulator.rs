@@ -2,13 +2,13 @@
 //! the oracle of every invariant test, so these pin its semantics down.
 
 use gmail_sync_testbed::gmail::fixtures::{
-    GMAIL_METADATA_SCOPE, OTHER_PRIVATE_KEY_PEM, SERVICE_ACCOUNT_EMAIL,
-    SERVICE_ACCOUNT_PRIVATE_KEY_PEM, SERVICE_ACCOUNT_PUBLIC_KEY_PEM, sign_delegation_jwt,
+    GMAIL_METADATA_SCOPE, SERVICE_ACCOUNT_EMAIL, sign_delegation_jwt,
 };
 use gmail_sync_testbed::gmail::{
     CallEntry, ChangeKind, Endpoint, FaultAction, FaultRule, GmailSim, Ledger, LedgerEntry,
     NotificationOutcome, QuotaConfig, QuotaErrorStyle, SimConfig,
 };
+use gmail_sync_testbed::keys::ServiceAccount;
 use gmail_sync_testbed::pubsub;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -647,8 +647,14 @@ fn jwt(key: &str, sub: &str, aud: &str, iat_offset: i64, lifetime: u64) -> Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_delegation_jwt() {
+    // Keys made for this run (no key material is committed): the service account's, and an
+    // unrelated one whose JWTs must be refused.
+    let sa = ServiceAccount::generate(SERVICE_ACCOUNT_EMAIL).unwrap();
+    let other = ServiceAccount::generate(SERVICE_ACCOUNT_EMAIL).unwrap();
+    let sa_key = sa.private_key_pem.as_str();
+    let other_key = other.private_key_pem.as_str();
     let sim = GmailSim::start(SimConfig {
-        service_account_public_key_pem: Some(SERVICE_ACCOUNT_PUBLIC_KEY_PEM.to_string()),
+        service_account_public_key_pem: Some(sa.public_key_pem.clone()),
         service_account_email: Some(SERVICE_ACCOUNT_EMAIL.to_string()),
         ..cfg()
     })
@@ -657,11 +663,7 @@ async fn token_endpoint_delegation_jwt() {
     sim.add_mailbox(A);
     sim.add_mailbox(B);
     let aud = sim.token_url();
-    let r = jwt_grant(
-        &sim,
-        &jwt(SERVICE_ACCOUNT_PRIVATE_KEY_PEM, A, &aud, 0, 3600),
-    )
-    .await;
+    let r = jwt_grant(&sim, &jwt(sa_key, A, &aud, 0, 3600)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["token_type"], "Bearer");
     assert_eq!(r.body["expires_in"], 3600);
@@ -685,56 +687,32 @@ async fn token_endpoint_delegation_jwt() {
         assert!(r.body["error_description"].is_string());
     };
     refused(
-        &jwt_grant(&sim, &jwt(OTHER_PRIVATE_KEY_PEM, A, &aud, 0, 3600)).await,
+        &jwt_grant(&sim, &jwt(other_key, A, &aud, 0, 3600)).await,
         "other key",
     );
     refused(
-        &jwt_grant(
-            &sim,
-            &jwt(SERVICE_ACCOUNT_PRIVATE_KEY_PEM, A, &aud, -7200, 3600),
-        )
-        .await,
+        &jwt_grant(&sim, &jwt(sa_key, A, &aud, -7200, 3600)).await,
         "expired",
     );
     refused(
-        &jwt_grant(
-            &sim,
-            &jwt(SERVICE_ACCOUNT_PRIVATE_KEY_PEM, A, &aud, 0, 7200),
-        )
-        .await,
+        &jwt_grant(&sim, &jwt(sa_key, A, &aud, 0, 7200)).await,
         "too long-lived",
     );
     refused(
         &jwt_grant(
             &sim,
-            &jwt(
-                SERVICE_ACCOUNT_PRIVATE_KEY_PEM,
-                A,
-                "https://oauth2.googleapis.com/token",
-                0,
-                3600,
-            ),
+            &jwt(sa_key, A, "https://oauth2.googleapis.com/token", 0, 3600),
         )
         .await,
         "wrong aud",
     );
     refused(
-        &jwt_grant(
-            &sim,
-            &jwt(
-                SERVICE_ACCOUNT_PRIVATE_KEY_PEM,
-                "ghost@example.com",
-                &aud,
-                0,
-                3600,
-            ),
-        )
-        .await,
+        &jwt_grant(&sim, &jwt(sa_key, "ghost@example.com", &aud, 0, 3600)).await,
         "unknown sub",
     );
     refused(&jwt_grant(&sim, "not.a.jwt").await, "garbage");
     let wrong_iss = sign_delegation_jwt(
-        SERVICE_ACCOUNT_PRIVATE_KEY_PEM,
+        sa_key,
         "intruder@example.iam.gserviceaccount.com",
         A,
         GMAIL_METADATA_SCOPE,
@@ -746,11 +724,7 @@ async fn token_endpoint_delegation_jwt() {
     refused(&jwt_grant(&sim, &wrong_iss).await, "wrong iss");
     // Delegation withdrawn → unauthorized_client.
     sim.set_delegation_allowed(B, false);
-    let r = jwt_grant(
-        &sim,
-        &jwt(SERVICE_ACCOUNT_PRIVATE_KEY_PEM, B, &aud, 0, 3600),
-    )
-    .await;
+    let r = jwt_grant(&sim, &jwt(sa_key, B, &aud, 0, 3600)).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.body["error"], "unauthorized_client");
     let r = token_form(&sim, &[("grant_type", "password")]).await;

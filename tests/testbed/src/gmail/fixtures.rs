@@ -1,18 +1,8 @@
-//! Test-only key material (see `tests/testbed/fixtures/README.md`). NOT SECRETS.
+//! Constants and helpers of the credential tests. No key material is committed: tests make
+//! their keys at run time with [`crate::keys::ServiceAccount::generate`].
 
-/// Private key (PKCS#8 PEM) of the fake delegation service account.
-pub const SERVICE_ACCOUNT_PRIVATE_KEY_PEM: &str =
-    include_str!("../../fixtures/service-account.key.pem");
-/// Its public key: pass it as `SimConfig::service_account_public_key_pem`.
-pub const SERVICE_ACCOUNT_PUBLIC_KEY_PEM: &str =
-    include_str!("../../fixtures/service-account.pub.pem");
-/// The same private key as a Google service-account key file.
-pub const SERVICE_ACCOUNT_JSON: &str = include_str!("../../fixtures/service-account.json");
-/// The `client_email` of [`SERVICE_ACCOUNT_JSON`].
+/// The `client_email` of the fake delegation service account in the simulator's tests.
 pub const SERVICE_ACCOUNT_EMAIL: &str = "gmail-sync-test@gmail-sync-test.iam.gserviceaccount.com";
-/// An unrelated key pair: JWTs signed with it must be refused.
-pub const OTHER_PRIVATE_KEY_PEM: &str = include_str!("../../fixtures/other.key.pem");
-pub const OTHER_PUBLIC_KEY_PEM: &str = include_str!("../../fixtures/other.pub.pem");
 /// The Gmail scope delegation tokens are usually asked for.
 pub const GMAIL_METADATA_SCOPE: &str = "https://www.googleapis.com/auth/gmail.metadata";
 
