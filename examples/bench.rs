@@ -28,7 +28,10 @@
 //! (from the simulator's ledger), publish→ack latency p50/p99 (measured by the worker from the
 //! Pub/Sub publish time to its ack; it includes the emulator's delivery; an ack follows the
 //! commit that covers it, so this is an upper bound of publish→commit), receive→ack p50/p99
-//! (the part spent in the worker), and the worker's peak RSS.
+//! (the part spent in the worker), the worker's peak RSS, and its threads' context switches per
+//! notification (how often they slept and were woken; threads that exited are not counted).
+//! `BENCH_WORKER_THREADS=N` runs the worker on a multi-threaded runtime of N workers instead of
+//! gmail-sync's own (to compare runtime shapes).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -36,7 +39,7 @@ mod support;
 use gmail_sync_testbed::gmail::{Endpoint, SimConfig};
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
-use support::{Bed, cpu_and_peak_rss, env_or, final_summary, stop_worker};
+use support::{Bed, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
     support::main(bench)
@@ -168,7 +171,7 @@ async fn bench() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8}",
+        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8} {:>8}",
         "phase",
         "mbox",
         "rate",
@@ -179,7 +182,8 @@ async fn bench() -> anyhow::Result<()> {
         "quota/notif",
         "pub→ack p50/p99",
         "recv→ack p50/99",
-        "RSS MiB"
+        "RSS MiB",
+        "ctxsw/n"
     );
     for phase in phases {
         let (n_mailboxes, rate) = size_of(phase.size);
@@ -199,6 +203,7 @@ async fn bench() -> anyhow::Result<()> {
         let ledger_before = bed.sim.ledger();
         let calls_before = ledger_before.calls().len();
         let (cpu_before, _) = cpu_and_peak_rss(worker.pid()).unwrap_or_default();
+        let switches_before = context_switches(worker.pid()).unwrap_or_default();
 
         let started = Instant::now();
         drive(
@@ -217,6 +222,9 @@ async fn bench() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let elapsed = started.elapsed();
         let (cpu_after, rss_kib) = cpu_and_peak_rss(worker.pid()).unwrap_or_default();
+        let switches = context_switches(worker.pid())
+            .unwrap_or_default()
+            .saturating_sub(switches_before);
         let ledger = bed.sim.ledger();
         let phase_calls = &ledger.calls()[calls_before..];
         let history_calls = phase_calls
@@ -230,7 +238,7 @@ async fn bench() -> anyhow::Result<()> {
         let cpu_us = (cpu_after.saturating_sub(cpu_before)).as_secs_f64() * 1e6;
         let ms = |k: &str| summary[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1}",
+            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1} {:>8.2}",
             phase.name,
             n_mailboxes,
             rate,
@@ -244,6 +252,7 @@ async fn bench() -> anyhow::Result<()> {
             ms("handling_latency_p50_ms"),
             ms("handling_latency_p99_ms"),
             rss_kib as f64 / 1024.0,
+            switches as f64 / received.max(1.0),
         );
         if code != Some(0) {
             println!(
