@@ -1,22 +1,37 @@
-//! The benchmark: a fixed workload through one worker process, measured.
+//! The benchmark: fixed workloads through one worker process, measured.
 //!
 //! ```sh
 //! cargo run --release --example bench    # BENCH_MAILBOXES=1000 BENCH_RATE=1000 BENCH_SECONDS=15
+//! BENCH_PHASES=realistic,low cargo run --release --example bench   # only these phases
 //! ```
-//! Two phases, each with a fresh worker process on a fresh subscription (so every figure
-//! belongs to one phase):
-//! - **steady**: `BENCH_RATE` changes/s spread over all mailboxes, one notification each;
+//! Phases (the table in [`PHASES`]), each with a fresh worker process on a fresh subscription
+//! (so every figure belongs to one phase), selected with `BENCH_PHASES` (comma-separated; all
+//! by default):
+//! - **steady**: `BENCH_RATE` changes/s spread over all `BENCH_MAILBOXES` mailboxes in turn,
+//!   one notification each;
 //! - **bursts**: the same rate, as bursts of 5 changes per mailbox, each change with its own
 //!   notification (published by the driver, as Gmail's at-most-1/s would spread them over 5 s
 //!   and redeliveries would repeat them): coalescing should need far less than one
-//!   `history.list` per notification.
+//!   `history.list` per notification;
+//! - **realistic**: 200 mailboxes, 2 changes/s each (400/s), each change its own notification
+//!   (the simulator's `notify_min_interval` is zero, so every `deliver` notifies), the mailbox of
+//!   each change drawn at random (seeded), so a mailbox's changes arrive irregularly, as people's
+//!   mail does;
+//! - **low**: the same 200 mailboxes at 50 changes/s in all;
+//! - **lagged**: realistic, with the simulator's history lagging its notifications by
+//!   `BENCH_HISTORY_LAG_MS` (100 ms): a sync that reads too early finds nothing and reads again
+//!   ("not yet visible" re-reads show as extra `history.list` per notification).
 //!
-//! Printed per phase: notifications/s handled, worker CPU-µs per notification (user+system of
-//! the worker process only, from /proc; the simulator, the emulator and the traffic driver run
-//! elsewhere), `history.list` calls and Gmail quota units per notification (from the
-//! simulator's ledger), publish→ack latency p50/p99 (measured by the worker from the Pub/Sub
-//! publish time to its ack; it includes the emulator's delivery), receive→ack p50/p99 (the part
-//! spent in the worker), and the worker's peak RSS.
+//! Printed per phase: notifications handled and per second, worker CPU-µs per notification
+//! (user+system of the worker process only, from /proc; the simulator, the emulator and the
+//! traffic driver run elsewhere), `history.list` calls and Gmail quota units per notification
+//! (from the simulator's ledger), publish→ack latency p50/p99 (measured by the worker from the
+//! Pub/Sub publish time to its ack; it includes the emulator's delivery; an ack follows the
+//! commit that covers it, so this is an upper bound of publish→commit), receive→ack p50/p99
+//! (the part spent in the worker), the worker's peak RSS, and its threads' context switches per
+//! notification (how often they slept and were woken; threads that exited are not counted).
+//! `BENCH_WORKER_THREADS=N` runs the worker on a multi-threaded runtime of N workers instead of
+//! gmail-sync's own (to compare runtime shapes).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -24,38 +39,142 @@ mod support;
 use gmail_sync_testbed::gmail::{Endpoint, SimConfig};
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
-use support::{Bed, cpu_and_peak_rss, env_or, final_summary, stop_worker};
+use support::{Bed, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
     support::main(bench)
 }
 
+/// How the driver spreads a phase's changes over its mailboxes.
 #[derive(Clone, Copy, PartialEq)]
-enum Phase {
-    Steady,
+enum Pattern {
+    /// Each mailbox in turn, one change (and its notification) at a time.
+    RoundRobin,
+    /// 5 changes per mailbox in a row, each with its own notification published by the driver.
     Bursts,
+    /// Each change to a mailbox drawn at random (seeded): irregular arrivals per mailbox.
+    Random,
 }
 
+/// How many mailboxes and changes/s a phase uses.
+#[derive(Clone, Copy)]
+enum Size {
+    /// `BENCH_MAILBOXES` and `BENCH_RATE`.
+    FromEnv,
+    Fixed {
+        mailboxes: usize,
+        rate: usize,
+    },
+}
+
+/// Whether the simulator's history lags its notifications during the phase.
+#[derive(Clone, Copy, PartialEq)]
+enum Lag {
+    None,
+    /// `BENCH_HISTORY_LAG_MS`.
+    FromEnv,
+}
+
+struct PhaseSpec {
+    name: &'static str,
+    size: Size,
+    pattern: Pattern,
+    lag: Lag,
+}
+
+/// The issue's workload: 200 mailboxes, 2 notifications/s each, one change per notification.
+const REALISTIC: Size = Size::Fixed {
+    mailboxes: 200,
+    rate: 400,
+};
+/// A quiet deployment: the same mailboxes, 50 notifications/s in all.
+const LOW: Size = Size::Fixed {
+    mailboxes: 200,
+    rate: 50,
+};
+
+const PHASES: &[PhaseSpec] = &[
+    PhaseSpec {
+        name: "steady",
+        size: Size::FromEnv,
+        pattern: Pattern::RoundRobin,
+        lag: Lag::None,
+    },
+    PhaseSpec {
+        name: "bursts",
+        size: Size::FromEnv,
+        pattern: Pattern::Bursts,
+        lag: Lag::None,
+    },
+    PhaseSpec {
+        name: "realistic",
+        size: REALISTIC,
+        pattern: Pattern::Random,
+        lag: Lag::None,
+    },
+    PhaseSpec {
+        name: "low",
+        size: LOW,
+        pattern: Pattern::Random,
+        lag: Lag::None,
+    },
+    PhaseSpec {
+        name: "lagged",
+        size: REALISTIC,
+        pattern: Pattern::Random,
+        lag: Lag::FromEnv,
+    },
+];
+
+/// The driver's clock: changes are offered in ticks of this length.
+const TICK: Duration = Duration::from_millis(10);
+
 async fn bench() -> anyhow::Result<()> {
-    let n_mailboxes: usize = env_or("BENCH_MAILBOXES", 1000);
-    let rate: usize = env_or("BENCH_RATE", 1000);
+    let env_mailboxes: usize = env_or("BENCH_MAILBOXES", 1000);
+    let env_rate: usize = env_or("BENCH_RATE", 1000);
     let seconds: u64 = env_or("BENCH_SECONDS", 15);
+    let history_lag = Duration::from_millis(env_or("BENCH_HISTORY_LAG_MS", 100));
+    let selected: Vec<String> = std::env::var("BENCH_PHASES")
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_else(|_| PHASES.iter().map(|p| p.name.to_string()).collect());
+    if let Some(unknown) = selected
+        .iter()
+        .find(|s| !PHASES.iter().any(|p| p.name == s.as_str()))
+    {
+        anyhow::bail!(
+            "BENCH_PHASES: unknown phase {unknown:?} (phases: {})",
+            PHASES.iter().map(|p| p.name).collect::<Vec<_>>().join(",")
+        );
+    }
+    let phases: Vec<&PhaseSpec> = PHASES
+        .iter()
+        .filter(|p| selected.iter().any(|s| s == p.name))
+        .collect();
+    let size_of = |s: Size| match s {
+        Size::FromEnv => (env_mailboxes, env_rate),
+        Size::Fixed { mailboxes, rate } => (mailboxes, rate),
+    };
+    let most_mailboxes = phases.iter().map(|p| size_of(p.size).0).max().unwrap_or(0);
     // Every change notifies: the workload controls the notification pattern exactly.
     let sim = SimConfig {
         notify_min_interval: Duration::ZERO,
         ..SimConfig::default()
     };
     let mut bed = Bed::start("bench", sim).await?;
-    let emails: Vec<String> = (0..n_mailboxes)
+    let emails: Vec<String> = (0..most_mailboxes)
         .map(|i| format!("b{i:05}@bench.example"))
         .collect();
     println!(
-        "gmail-sync benchmark: {n_mailboxes} mailboxes, {rate} notifications/s offered, {seconds} s per phase"
+        "gmail-sync benchmark: {seconds} s per phase; steady and bursts: {env_mailboxes} mailboxes, \
+         {env_rate} notifications/s offered; lagged: history {} ms behind",
+        history_lag.as_millis()
     );
     println!();
     println!(
-        "{:<7} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8}",
+        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8} {:>8}",
         "phase",
+        "mbox",
+        "rate",
         "notifs",
         "notifs/s",
         "CPU µs/notif",
@@ -63,32 +182,38 @@ async fn bench() -> anyhow::Result<()> {
         "quota/notif",
         "pub→ack p50/p99",
         "recv→ack p50/99",
-        "RSS MiB"
+        "RSS MiB",
+        "ctxsw/n"
     );
-    for phase in [Phase::Steady, Phase::Bursts] {
+    for phase in phases {
+        let (n_mailboxes, rate) = size_of(phase.size);
+        let emails = &emails[..n_mailboxes];
         // A fresh subscription per phase; watch moves every mailbox to it (cursors are kept).
         // The notification each watch sends is dropped so the window holds only the workload.
         bed.fresh_topic().await?;
         bed.sim.set_notify_drop_probability(1.0);
-        bed.add_mailboxes(&emails).await?;
+        bed.add_mailboxes(emails).await?;
         bed.sim.set_notify_drop_probability(0.0);
-        let worker = bed
-            .spawn_worker(
-                if phase == Phase::Steady {
-                    "steady"
-                } else {
-                    "bursts"
-                },
-                &[],
-            )
-            .await?;
+        bed.sim.set_history_lag(match phase.lag {
+            Lag::None => Duration::ZERO,
+            Lag::FromEnv => history_lag,
+        });
+        let worker = bed.spawn_worker(phase.name, &[]).await?;
         wait_caught_up(&bed).await?;
         let ledger_before = bed.sim.ledger();
         let calls_before = ledger_before.calls().len();
         let (cpu_before, _) = cpu_and_peak_rss(worker.pid()).unwrap_or_default();
+        let switches_before = context_switches(worker.pid()).unwrap_or_default();
 
         let started = Instant::now();
-        drive(&bed, &emails, phase, rate, Duration::from_secs(seconds)).await?;
+        drive(
+            &bed,
+            emails,
+            phase.pattern,
+            rate,
+            Duration::from_secs(seconds),
+        )
+        .await?;
         wait_caught_up(&bed).await?;
         // Not a wait on a visible condition: notifications still in flight when the cursors
         // caught up (duplicates of covered changes, published by the driver) are acked without
@@ -97,6 +222,9 @@ async fn bench() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let elapsed = started.elapsed();
         let (cpu_after, rss_kib) = cpu_and_peak_rss(worker.pid()).unwrap_or_default();
+        let switches = context_switches(worker.pid())
+            .unwrap_or_default()
+            .saturating_sub(switches_before);
         let ledger = bed.sim.ledger();
         let phase_calls = &ledger.calls()[calls_before..];
         let history_calls = phase_calls
@@ -110,12 +238,10 @@ async fn bench() -> anyhow::Result<()> {
         let cpu_us = (cpu_after.saturating_sub(cpu_before)).as_secs_f64() * 1e6;
         let ms = |k: &str| summary[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<7} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1}",
-            if phase == Phase::Steady {
-                "steady"
-            } else {
-                "bursts"
-            },
+            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1} {:>8.2}",
+            phase.name,
+            n_mailboxes,
+            rate,
             received,
             received / elapsed.as_secs_f64(),
             cpu_us / received.max(1.0),
@@ -126,6 +252,7 @@ async fn bench() -> anyhow::Result<()> {
             ms("handling_latency_p50_ms"),
             ms("handling_latency_p99_ms"),
             rss_kib as f64 / 1024.0,
+            switches as f64 / received.max(1.0),
         );
         if code != Some(0) {
             println!(
@@ -134,6 +261,7 @@ async fn bench() -> anyhow::Result<()> {
             );
         }
     }
+    bed.sim.set_history_lag(Duration::ZERO);
     let check = bed.check_against_ledger().await;
     println!();
     match check {
@@ -141,7 +269,8 @@ async fn bench() -> anyhow::Result<()> {
         Err(e) => println!("ledger check: MISMATCH: {e}"),
     }
     println!(
-        "(pub→ack: Pub/Sub publish time to the worker's ack call, emulator delivery included; recv→ack: the worker's own part; ms)"
+        "(pub→ack: Pub/Sub publish time to the worker's ack call, emulator delivery included; an \
+         ack follows its commit, so publish→commit ≤ pub→ack; recv→ack: the worker's own part; ms)"
     );
     Ok(())
 }
@@ -152,36 +281,64 @@ async fn wait_caught_up(bed: &Bed) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("the worker did not catch up: {e}"))
 }
 
-/// Offers `rate` notifications/s for `duration`, in 10 ms ticks.
+/// A seeded xorshift64: the random pattern is the same in every run (no dependency needed).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// The seed of the random pattern.
+const SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Offers `rate` notifications/s for `duration`, in [`TICK`]s (a rate below one per tick is
+/// spread over several ticks).
 async fn drive(
     bed: &Bed,
     emails: &[String],
-    phase: Phase,
+    pattern: Pattern,
     rate: usize,
     duration: Duration,
 ) -> anyhow::Result<()> {
     let publisher = pubsub::publisher(&bed.emulator.endpoint(), &bed.topic.topic).await?;
-    if phase == Phase::Bursts {
+    if pattern == Pattern::Bursts {
         // The driver publishes one notification per change itself.
         bed.sim.set_notify_drop_probability(1.0);
     }
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let per_tick = (rate / 100).max(1);
+    let mut tick = tokio::time::interval(TICK);
+    let ticks_per_second = (Duration::from_secs(1).as_micros() / TICK.as_micros()) as usize;
     let started = Instant::now();
+    let mut rng = Rng(SEED);
+    let mut ticks = 0usize;
+    let mut offered = 0usize;
     let mut next = 0usize;
     let mut carry = 0usize;
     let mut pending = Vec::new();
     while started.elapsed() < duration {
         tick.tick().await;
-        match phase {
-            Phase::Steady => {
-                for _ in 0..per_tick {
+        ticks += 1;
+        let due = rate * ticks / ticks_per_second - offered;
+        offered += due;
+        match pattern {
+            Pattern::RoundRobin => {
+                for _ in 0..due {
                     bed.sim.deliver(&emails[next % emails.len()], &["INBOX"]);
                     next += 1;
                 }
             }
-            Phase::Bursts => {
-                carry += per_tick;
+            Pattern::Random => {
+                for _ in 0..due {
+                    bed.sim
+                        .deliver(&emails[rng.below(emails.len())], &["INBOX"]);
+                }
+            }
+            Pattern::Bursts => {
+                carry += due;
                 while carry >= 5 {
                     let email = &emails[next % emails.len()];
                     for _ in 0..5 {

@@ -368,6 +368,22 @@ struct Environment {
     #[arg(long, env = HISTORY_LAG, default_value = "45", value_parser = seconds(1, 540))]
     history_lag: Duration,
 
+    /// How long a mailbox's sync waits after the first notification it will cover arrived, so
+    /// that the mailbox's notifications within it share one users.history.list, in milliseconds
+    /// (0-5000; 0 = sync at once); notifications the committed cursor already covers are acked
+    /// without waiting
+    ///
+    /// e.g. 500
+    // WINDOW_DEFAULT. At most 5 s: the window adds to every notification's latency, and longer
+    // waits only pay off for mailboxes that get several changes per window.
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_COALESCE_WINDOW_MS",
+        default_value = "200",
+        value_parser = milliseconds(0, 5_000)
+    )]
+    coalesce_window: Duration,
+
     /// How often each mailbox's users.watch is renewed, in seconds (5-518400); Gmail stops
     /// notifying 7 days after the last watch and recommends renewing daily
     ///
@@ -707,6 +723,9 @@ pub struct ConsumerSettings {
     /// How long a notification ahead of Gmail's history is retried (from its publish time)
     /// before it is quarantined (GMAIL_SYNC_HISTORY_LAG_SECS).
     pub history_lag: Duration,
+    /// How long a sync waits for more notifications of its mailbox
+    /// (GMAIL_SYNC_COALESCE_WINDOW_MS; zero: none).
+    pub coalesce_window: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -1013,6 +1032,7 @@ impl Environment {
             gmail_max_attempts,
             sync_retries,
             history_lag,
+            coalesce_window,
             renew_interval,
             renew_jitter,
             renewals_per_minute,
@@ -1144,6 +1164,7 @@ impl Environment {
                 shutdown_timeout,
                 sync_retries,
                 history_lag,
+                coalesce_window,
             },
             sync: SyncSettings {
                 failure_settle,

@@ -28,15 +28,22 @@ pub fn main<F: std::future::Future<Output = anyhow::Result<()>>>(
     runtime.block_on(body())
 }
 
-/// If this process was started as a worker, run it and exit; otherwise return.
+/// If this process was started as a worker, run it and exit; otherwise return. The worker's
+/// runtime is the one `gmail-sync` runs on ([`gmail_sync::cli::RUNTIME_SHAPE`]) unless
+/// `BENCH_WORKER_THREADS` asks for a multi-threaded one with that many workers (to compare
+/// runtime shapes in one build).
 fn run_worker_if_asked() {
     if std::env::args().nth(1).as_deref() != Some("--worker") {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let shape = match std::env::var("BENCH_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(n) => gmail_sync::cli::RuntimeShape::Workers(n),
+        None => gmail_sync::cli::RUNTIME_SHAPE,
+    };
+    let runtime = gmail_sync::cli::runtime(shape).unwrap();
     let cli = <gmail_sync::cli::Cli as clap::Parser>::parse_from(["gmail-sync", "run"]);
     let code = runtime.block_on(gmail_sync::cli::execute(cli));
     std::process::exit(code);
@@ -138,6 +145,21 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Context switches (voluntary and not) of all of a process's threads, from /proc: how often
+/// its threads went to sleep and were woken.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
 }
 
 /// (user+system CPU time, peak RSS in KiB) of a process, from /proc.

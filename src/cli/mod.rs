@@ -18,6 +18,39 @@ use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// The shape of the runtime [`runtime`] builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeShape {
+    /// Every task on the calling thread (tokio's current-thread runtime); blocking work (file
+    /// writes, DNS) still goes to tokio's blocking pool.
+    CurrentThread,
+    /// tokio's multi-threaded runtime with this many worker threads.
+    Workers(usize),
+}
+
+/// What `gmail-sync` runs on. One thread: the work per notification is a few microseconds of
+/// decoding and bookkeeping between network waits, and on a multi-threaded runtime a large share
+/// of the worker's CPU went into worker threads parking and waking each other (futex calls and
+/// context switches) to pass that work around; on one thread there is nobody to wake (the
+/// benchmark's figures are in the commit that chose it, and README's table). One thread
+/// needs a fraction of a core at 1,000 notifications/s; more throughput comes from more
+/// replicas, which share the subscription and the leases.
+pub const RUNTIME_SHAPE: RuntimeShape = RuntimeShape::CurrentThread;
+
+/// Builds the runtime every command runs on (see [`RUNTIME_SHAPE`]).
+pub fn runtime(shape: RuntimeShape) -> std::io::Result<tokio::runtime::Runtime> {
+    match shape {
+        RuntimeShape::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        RuntimeShape::Workers(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.max(1));
+            builder
+        }
+    }
+    .enable_all()
+    .build()
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "gmail-sync",

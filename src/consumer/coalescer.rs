@@ -6,6 +6,13 @@
 //! Rules (ARCHITECTURE.md, "Invariants and where they are kept"):
 //! - at most one sync per mailbox at a time in this process; notifications that arrive meanwhile
 //!   wait for it;
+//! - the coalescing window (GMAIL_SYNC_COALESCE_WINDOW_MS): a sync starts `window` after the
+//!   oldest notification that no sync has seen yet arrived, not at once, so the notifications
+//!   of a mailbox that arrive within the window (and the changes Gmail records meanwhile) share
+//!   one `history.list`; those that arrive while a sync runs share one follow-up sync, which
+//!   waits for the rest of their window. A notification the committed cursor already covers
+//!   (known from this process's own syncs) is acked at once, never held for a window: the
+//!   window only ever delays a Gmail read, never an ack past its commit;
 //! - a notification is acked only when a committed cursor ≥ its historyId is known (I1);
 //! - waiters that arrived during a sync and are not covered by it get a new sync at once;
 //!   waiters the sync already saw and still not covered (Gmail delivered the notification before
@@ -32,6 +39,12 @@ use tokio::time::Instant;
 /// The shortest wait before re-reading history for waiters close to their `history_lag`: a
 /// retry is never a busy loop.
 const MIN_NOT_VISIBLE_WAIT: Duration = Duration::from_millis(100);
+
+/// How many mailboxes' committed cursors the coalescer remembers (to ack notifications they
+/// already cover without a sync): about 100 bytes each, so at most ~1.6 MiB, and a deployment's
+/// active mailboxes fit. When full it forgets them all (a notification then only waits for
+/// its window and a `begin` that finds it covered, as without the memory).
+const MAX_KNOWN_CURSORS: usize = 16_384;
 
 /// A notification waiting for a committed cursor.
 pub struct Waiter<A> {
@@ -110,6 +123,9 @@ pub struct CoalescerSettings {
     pub max_busy_polls: u32,
     pub busy_poll: Duration,
     pub not_visible_base: Duration,
+    /// How long a sync waits after the first notification it will cover arrived
+    /// (GMAIL_SYNC_COALESCE_WINDOW_MS); zero: it starts at once.
+    pub window: Duration,
 }
 
 impl Default for CoalescerSettings {
@@ -120,6 +136,7 @@ impl Default for CoalescerSettings {
             max_busy_polls: 120,
             busy_poll: Duration::from_millis(250),
             not_visible_base: Duration::from_millis(500),
+            window: Duration::ZERO,
         }
     }
 }
@@ -136,12 +153,35 @@ struct MailboxState<A> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
+    /// The coalescing window is open: no sync yet, its start is due (`RetryLater`).
+    Window,
     Syncing,
     RetryScheduled,
 }
 
+/// What a mailbox with waiters left after a sync does next.
+enum Next {
+    SyncNow,
+    /// The follow-up sync, when the window of its first waiter is over.
+    Window(Duration),
+    /// A retry (failure, busy lease, history not showing the change yet).
+    Retry(Duration),
+}
+
+/// What shutdown does with mailboxes whose coalescing window is still open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenWindows {
+    /// Start their syncs now (a graceful drain: they may still finish within the grace).
+    SyncNow,
+    /// Give their notifications back (a drain that cancels syncs at once).
+    GiveBack,
+}
+
 pub struct Coalescer<A> {
     mailboxes: HashMap<Mailbox, MailboxState<A>>,
+    /// The highest cursor this process's syncs saw committed, per mailbox (bounded by
+    /// [`MAX_KNOWN_CURSORS`]): a notification at or below it is covered already.
+    known_cursors: HashMap<Mailbox, HistoryId>,
     settings: CoalescerSettings,
     draining: bool,
 }
@@ -150,6 +190,7 @@ impl<A: Ack> Coalescer<A> {
     pub fn new(settings: CoalescerSettings) -> Coalescer<A> {
         Coalescer {
             mailboxes: HashMap::new(),
+            known_cursors: HashMap::new(),
             settings,
             draining: false,
         }
@@ -171,22 +212,44 @@ impl<A: Ack> Coalescer<A> {
             out.push(Effect::Nack(vec![waiter]));
             return;
         }
+        if self
+            .known_cursors
+            .get(&mailbox)
+            .is_some_and(|&cursor| waiter.history_id <= cursor)
+        {
+            out.push(Effect::Ack(vec![waiter], AckReason::AlreadyCovered));
+            return;
+        }
         match self.mailboxes.entry(mailbox) {
             MapEntry::Occupied(mut e) => e.get_mut().waiters.push(waiter),
-            MapEntry::Vacant(e) => {
+            MapEntry::Vacant(e) if self.settings.window.is_zero() => {
                 let target = waiter.history_id;
                 waiter.seen_by_sync = true;
                 let mailbox = e.key().clone();
-                e.insert(MailboxState {
-                    waiters: vec![waiter],
-                    phase: Phase::Syncing,
-                    retries: 0,
-                    not_visible: 0,
-                    busy_polls: 0,
-                });
+                e.insert(MailboxState::new(waiter, Phase::Syncing));
                 out.push(Effect::StartSync { mailbox, target });
             }
+            MapEntry::Vacant(e) => {
+                let mailbox = e.key().clone();
+                e.insert(MailboxState::new(waiter, Phase::Window));
+                out.push(Effect::RetryLater {
+                    mailbox,
+                    after: self.settings.window,
+                });
+            }
         }
+    }
+
+    /// Remembers a cursor a sync found committed (cursors only move forward).
+    fn note_cursor(&mut self, mailbox: &Mailbox, cursor: HistoryId) {
+        if let Some(known) = self.known_cursors.get_mut(mailbox) {
+            *known = (*known).max(cursor);
+            return;
+        }
+        if self.known_cursors.len() >= MAX_KNOWN_CURSORS {
+            self.known_cursors.clear();
+        }
+        self.known_cursors.insert(mailbox.clone(), cursor);
     }
 
     pub fn on_sync_done(
@@ -203,12 +266,14 @@ impl<A: Ack> Coalescer<A> {
             return;
         };
         debug_assert_eq!(state.phase, Phase::Syncing);
-        let retry_in = match report {
+        let next = match report {
             SyncReport::Unknown => {
+                self.known_cursors.remove(mailbox);
                 out.push(Effect::Ack(state.waiters, AckReason::UnknownMailbox));
                 return;
             }
             SyncReport::NeedsAttention => {
+                self.known_cursors.remove(mailbox);
                 out.push(Effect::Ack(state.waiters, AckReason::NeedsAttention));
                 return;
             }
@@ -220,6 +285,7 @@ impl<A: Ack> Coalescer<A> {
                 cursor,
                 called_gmail,
             } => {
+                self.note_cursor(mailbox, cursor);
                 let reason = if called_gmail {
                     AckReason::Synced
                 } else {
@@ -246,17 +312,20 @@ impl<A: Ack> Coalescer<A> {
                             self.settings.not_visible_base,
                             state.not_visible,
                         );
-                        Some(wait.min(left.max(MIN_NOT_VISIBLE_WAIT)))
+                        Next::Retry(wait.min(left.max(MIN_NOT_VISIBLE_WAIT)))
                     }
-                    // All arrived during the sync: sync again now.
+                    // All arrived during the sync: one follow-up sync for them all, once the
+                    // window of the first of them is over.
                     None => {
                         state.retries = 0;
                         state.not_visible = 0;
-                        None
+                        self.window_left(&state.waiters)
+                            .map_or(Next::SyncNow, Next::Window)
                     }
                 }
             }
             SyncReport::Busy { cursor } => {
+                self.note_cursor(mailbox, cursor);
                 ack_covered(&mut state.waiters, cursor, AckReason::AlreadyCovered, out);
                 if state.waiters.is_empty() {
                     return;
@@ -266,7 +335,7 @@ impl<A: Ack> Coalescer<A> {
                     out.push(Effect::Nack(state.waiters));
                     return;
                 }
-                Some(self.settings.busy_poll)
+                Next::Retry(self.settings.busy_poll)
             }
             SyncReport::Retryable { retry_after } => {
                 state.retries += 1;
@@ -275,48 +344,83 @@ impl<A: Ack> Coalescer<A> {
                     return;
                 }
                 let backoff = crate::retry::gmail_call(state.retries, None);
-                Some(retry_after.map_or(backoff, |r| r.max(backoff)))
+                Next::Retry(retry_after.map_or(backoff, |r| r.max(backoff)))
             }
         };
         if self.draining {
             out.push(Effect::Nack(state.waiters));
             return;
         }
-        match retry_in {
-            Some(after) => {
-                state.phase = Phase::RetryScheduled;
-                out.push(Effect::RetryLater {
-                    mailbox: mailbox.clone(),
-                    after,
-                });
+        let (phase, after) = match next {
+            Next::SyncNow => {
+                out.push(start_sync(mailbox, &mut state));
+                self.mailboxes.insert(mailbox.clone(), state);
+                return;
             }
-            None => out.push(start_sync(mailbox, &mut state)),
-        }
+            Next::Window(after) => (Phase::Window, after),
+            Next::Retry(after) => (Phase::RetryScheduled, after),
+        };
+        state.phase = phase;
+        out.push(Effect::RetryLater {
+            mailbox: mailbox.clone(),
+            after,
+        });
         self.mailboxes.insert(mailbox.clone(), state);
     }
 
+    /// A `RetryLater` delay is over: a retry, or the end of a coalescing window. (A delay left
+    /// over from a window that shutdown closed early finds the mailbox syncing or gone.)
     pub fn on_retry_due(&mut self, mailbox: &Mailbox, out: &mut Vec<Effect<A>>) {
         if let Some(state) = self.mailboxes.get_mut(mailbox)
-            && state.phase == Phase::RetryScheduled
+            && matches!(state.phase, Phase::RetryScheduled | Phase::Window)
         {
             out.push(start_sync(mailbox, state));
         }
     }
 
-    /// Shutdown: no new syncs. Waiters of mailboxes waiting for a retry are given back now;
-    /// those of syncs in flight are acked or given back when their sync ends.
-    pub fn start_draining(&mut self, out: &mut Vec<Effect<A>>) {
+    /// How long until the window of the oldest waiter no sync has seen is over; `None` if it
+    /// is over (or the window is off): sync now.
+    fn window_left(&self, waiters: &[Waiter<A>]) -> Option<Duration> {
+        let oldest = waiters
+            .iter()
+            .filter(|w| !w.seen_by_sync)
+            .map(|w| w.received)
+            .min()?;
+        let left = self.settings.window.saturating_sub(oldest.elapsed());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Shutdown: no new syncs, except for open coalescing windows when `windows` says so
+    /// (their notifications arrived before the shutdown and may still be covered in the
+    /// grace). Waiters of mailboxes waiting for a retry are given back now; those of syncs in
+    /// flight are acked or given back when their sync ends.
+    pub fn start_draining(&mut self, windows: OpenWindows, out: &mut Vec<Effect<A>>) {
         self.draining = true;
-        let waiting: Vec<Mailbox> = self
+        let waiting: Vec<(Mailbox, Phase)> = self
             .mailboxes
             .iter()
-            .filter(|(_, s)| s.phase == Phase::RetryScheduled)
-            .map(|(m, _)| m.clone())
+            .filter(|(_, s)| s.phase != Phase::Syncing)
+            .map(|(m, s)| (m.clone(), s.phase))
             .collect();
-        for m in waiting {
-            if let Some(state) = self.mailboxes.remove(&m) {
+        for (m, phase) in waiting {
+            if phase == Phase::Window && windows == OpenWindows::SyncNow {
+                let state = self.mailboxes.get_mut(&m).expect("listed above");
+                out.push(start_sync(&m, state));
+            } else if let Some(state) = self.mailboxes.remove(&m) {
                 out.push(Effect::Nack(state.waiters));
             }
+        }
+    }
+}
+
+impl<A> MailboxState<A> {
+    fn new(first: Waiter<A>, phase: Phase) -> MailboxState<A> {
+        MailboxState {
+            waiters: vec![first],
+            phase,
+            retries: 0,
+            not_visible: 0,
+            busy_polls: 0,
         }
     }
 }
@@ -620,6 +724,78 @@ mod tests {
         assert_eq!(b.log(), vec!["ack:1", "ack:2"]);
     }
 
+    fn windowed() -> Bed {
+        Bed::with(CoalescerSettings {
+            window: Duration::from_millis(300),
+            ..CoalescerSettings::default()
+        })
+    }
+
+    #[test]
+    fn a_window_delays_the_first_sync_and_gathers_what_arrives_in_it() {
+        let mut b = windowed();
+        let m = Mailbox::parse("a@x.com").unwrap();
+        b.notify("a@x.com", 10);
+        assert_eq!(retry_delays(&b.out), vec![Duration::from_millis(300)]);
+        assert_eq!(b.apply(), vec!["retry"]);
+        b.notify("a@x.com", 14);
+        b.notify("a@x.com", 12);
+        assert!(b.apply().is_empty(), "no sync while the window is open");
+        b.c.on_retry_due(&m, &mut b.out);
+        assert_eq!(b.apply(), vec!["sync:14"]);
+        b.done("a@x.com", covered(15));
+        assert!(b.apply().is_empty());
+        assert_eq!(b.log(), vec!["ack:10", "ack:14", "ack:12"]);
+        // Known to be covered now: acked without a window or a sync.
+        b.notify("a@x.com", 13);
+        assert!(b.apply().is_empty());
+        assert_eq!(b.log(), vec!["ack:13"]);
+        assert!(b.c.is_empty());
+    }
+
+    #[test]
+    fn arrivals_during_a_sync_wait_for_the_rest_of_their_window_then_share_one_sync() {
+        let mut b = windowed();
+        let m = Mailbox::parse("a@x.com").unwrap();
+        b.notify("a@x.com", 10);
+        b.apply();
+        b.c.on_retry_due(&m, &mut b.out);
+        assert_eq!(b.apply(), vec!["sync:10"]);
+        b.notify("a@x.com", 20);
+        b.notify("a@x.com", 21);
+        b.done("a@x.com", covered(15));
+        let delays = retry_delays(&b.out);
+        assert_eq!(delays.len(), 1, "one follow-up");
+        assert!(delays[0] <= Duration::from_millis(300), "{delays:?}");
+        assert_eq!(b.apply(), vec!["retry"]);
+        b.c.on_retry_due(&m, &mut b.out);
+        assert_eq!(b.apply(), vec!["sync:21"]);
+    }
+
+    #[test]
+    fn draining_syncs_open_windows_or_gives_them_back() {
+        for (windows, effects, log) in [
+            (OpenWindows::SyncNow, vec!["sync:5"], vec!["ack:5"]),
+            (OpenWindows::GiveBack, vec![], vec!["nack:5"]),
+        ] {
+            let mut b = windowed();
+            let m = Mailbox::parse("a@x.com").unwrap();
+            b.notify("a@x.com", 5);
+            b.apply();
+            b.c.start_draining(windows, &mut b.out);
+            assert_eq!(b.apply(), effects, "{windows:?}");
+            // The window's own delay, left over, changes nothing.
+            b.c.on_retry_due(&m, &mut b.out);
+            assert!(b.apply().is_empty());
+            if windows == OpenWindows::SyncNow {
+                b.done("a@x.com", covered(5));
+                b.apply();
+            }
+            assert_eq!(b.log(), log, "{windows:?}");
+            assert!(b.c.is_empty());
+        }
+    }
+
     #[test]
     fn draining_gives_back_waiting_and_uncovered_waiters() {
         let mut b = Bed::new();
@@ -630,7 +806,7 @@ mod tests {
         b.done("r@x.com", SyncReport::Retryable { retry_after: None });
         b.apply();
         b.notify("s@x.com", 9);
-        b.c.start_draining(&mut b.out);
+        b.c.start_draining(OpenWindows::SyncNow, &mut b.out);
         b.apply();
         assert_eq!(b.log(), vec!["nack:5"]);
         b.done("s@x.com", covered(7));

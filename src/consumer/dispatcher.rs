@@ -9,7 +9,7 @@
 //! Redis or Gmail, and the consumer's timing is tested with paused time (see `consumer::tests`).
 
 use super::ShutdownMode;
-use super::coalescer::{AckReason, Coalescer, CoalescerSettings, SyncReport, Waiter};
+use super::coalescer::{AckReason, Coalescer, CoalescerSettings, OpenWindows, SyncReport, Waiter};
 use super::delivery::{Ack, Delivery};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
@@ -178,7 +178,11 @@ impl<A: Ack> Dispatcher<A> {
         if !self.reader_ended {
             out.push(Effect::StopReading);
         }
-        self.coalescer.start_draining(out);
+        let windows = match self.shutdown_mode {
+            ShutdownMode::Graceful { .. } => OpenWindows::SyncNow,
+            ShutdownMode::NackImmediately => OpenWindows::GiveBack,
+        };
+        self.coalescer.start_draining(windows, out);
         match self.shutdown_mode {
             ShutdownMode::Graceful { timeout } => {
                 self.stage = Stage::Draining {

@@ -129,6 +129,7 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
             CoalescerSettings {
                 max_retries: self.settings.sync_retries,
                 history_lag: self.settings.history_lag,
+                window: self.settings.coalesce_window,
                 ..CoalescerSettings::default()
             },
             ShutdownMode::from_timeout(self.settings.shutdown_timeout),

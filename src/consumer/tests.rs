@@ -104,6 +104,7 @@ fn settings(shutdown_timeout: Duration) -> ConsumerSettings {
         shutdown_timeout,
         sync_retries: 8,
         history_lag: HISTORY_LAG,
+        coalesce_window: Duration::ZERO,
     }
 }
 
@@ -111,6 +112,21 @@ impl Bed {
     /// Starts `Consumer::run` with a fake reader that forwards what `send` feeds it and stops
     /// (closing the channel) when told to stop reading, as the Pub/Sub reader does.
     fn start(shutdown_timeout: Duration, script: Vec<Step>) -> Bed {
+        Bed::start_with(settings(shutdown_timeout), script)
+    }
+
+    /// [`Bed::start`] with a coalescing window.
+    fn windowed(shutdown_timeout: Duration, window: Duration, script: Vec<Step>) -> Bed {
+        Bed::start_with(
+            ConsumerSettings {
+                coalesce_window: window,
+                ..settings(shutdown_timeout)
+            },
+            script,
+        )
+    }
+
+    fn start_with(settings: ConsumerSettings, script: Vec<Step>) -> Bed {
         let syncs = Arc::new(FakeSyncs {
             script: Mutex::new(script.into()),
             ..FakeSyncs::default()
@@ -134,7 +150,7 @@ impl Bed {
         let consumer = Consumer {
             syncs: syncs.clone(),
             quarantine: quarantine.clone(),
-            settings: settings(shutdown_timeout),
+            settings,
             counters: Arc::default(),
             tracker: TaskTracker::new(),
             heartbeat: Arc::default(),
@@ -369,6 +385,122 @@ async fn a_notification_history_never_reaches_is_quarantined_after_the_lag() {
     );
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert_eq!(bed.sync_starts().len(), 7, "nothing more for it");
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+const WINDOW: Duration = Duration::from_millis(300);
+
+#[tokio::test(start_paused = true)]
+async fn notifications_within_the_window_share_one_sync_that_starts_when_it_closes() {
+    let mut bed = Bed::windowed(GRACE, WINDOW, vec![]);
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.notify("2", "a@x.com", 7);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.notify("3", "a@x.com", 6);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(bed.sync_starts().is_empty(), "the window is still open");
+    assert!(bed.log().is_empty());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let starts = bed.sync_starts();
+    assert_eq!(starts.len(), 1, "one sync for the three: {starts:?}");
+    assert_eq!(starts[0].1, 7, "it covers the highest historyId");
+    assert!(
+        starts[0].0 >= WINDOW && starts[0].0 < WINDOW + Duration::from_millis(50),
+        "it starts when the first notification's window closes: {starts:?}"
+    );
+    assert_eq!(bed.log(), vec!["ack:1", "ack:2", "ack:3"]);
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_notification_the_committed_cursor_covers_is_acked_without_a_window() {
+    let mut bed = Bed::windowed(GRACE, WINDOW, vec![]);
+    bed.notify("1", "a@x.com", 9);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bed.log(), vec!["ack:1"]);
+    // A redelivery, or the notification of a change the sync already read.
+    bed.notify("2", "a@x.com", 8);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(bed.log(), vec!["ack:1", "ack:2"], "acked at once");
+    assert_eq!(bed.sync_starts().len(), 1, "no sync for it");
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn notifications_during_a_sync_share_one_follow_up() {
+    let slow = |cursor| Step::Covered {
+        after: Duration::from_millis(500),
+        cursor,
+    };
+    let mut bed = Bed::windowed(GRACE, WINDOW, vec![slow(5), slow(11)]);
+    bed.notify("1", "a@x.com", 5);
+    // The first sync runs from 300 to 800 ms; these arrive during it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for (i, h) in [(2, 9), (3, 11), (4, 10)] {
+        bed.notify(&i.to_string(), "a@x.com", h);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let starts = bed.sync_starts();
+    assert_eq!(starts.len(), 2, "one follow-up for the three: {starts:?}");
+    assert_eq!(starts[1].1, 11);
+    // Their window (from 400 ms) closed before the first sync ended: no further wait.
+    assert!(starts[1].0 < Duration::from_millis(850), "{starts:?}");
+    assert_eq!(bed.log(), vec!["ack:1", "ack:2", "ack:3", "ack:4"]);
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_shutdown_starts_the_sync_of_an_open_window() {
+    let mut bed = Bed::windowed(GRACE, Duration::from_secs(5), vec![]);
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.shutdown.cancel();
+    let took = bed.finished().await;
+    assert_eq!(bed.sync_starts().len(), 1, "synced at the shutdown");
+    assert_eq!(bed.log(), vec!["ack:1"]);
+    assert!(
+        took < Duration::from_secs(1),
+        "did not wait for the window: {took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn nack_immediately_gives_back_an_open_window() {
+    let mut bed = Bed::windowed(Duration::ZERO, Duration::from_secs(5), vec![]);
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.shutdown.cancel();
+    let took = bed.finished().await;
+    assert!(bed.sync_starts().is_empty());
+    assert_eq!(bed.log(), vec!["nack:1"]);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+/// The window does not move the history-lag rule: a historyId Gmail's history never reaches
+/// is still quarantined at GMAIL_SYNC_HISTORY_LAG_SECS from its arrival.
+#[tokio::test(start_paused = true)]
+async fn with_a_window_a_far_ahead_notification_is_still_quarantined_at_the_lag() {
+    let behind = Step::Covered {
+        after: Duration::from_millis(10),
+        cursor: 40,
+    };
+    let mut bed = Bed::windowed(GRACE, WINDOW, vec![behind; 100]);
+    bed.notify("ahead", "a@x.com", 1_000_000);
+    tokio::time::sleep(HISTORY_LAG + Duration::from_secs(5)).await;
+    assert_eq!(bed.log(), vec!["ack:ahead"]);
+    assert_eq!(bed.quarantine.0.lock().unwrap().len(), 1);
+    let starts = bed.sync_starts();
+    let last = starts.last().unwrap().0;
+    assert!(
+        last >= HISTORY_LAG && last < HISTORY_LAG + Duration::from_secs(1),
+        "{starts:?}"
+    );
     bed.shutdown.cancel();
     bed.finished().await;
 }

@@ -95,6 +95,12 @@ pub struct SimConfig {
     /// Time-based history retention (records older than this are dropped; a startHistoryId
     /// before a dropped record answers 404). `None`: kept until `expire_history`.
     pub history_retention: Option<Duration>,
+    /// How long a change stays invisible to `history.list` after it happened (its notification
+    /// is sent at once): Gmail's history can lag its push notification by a moment. While a
+    /// change is invisible, `history.list` answers as of just before it (its records and its
+    /// `historyId` stop there). Zero (the default): visible at once. Changeable at runtime
+    /// ([`super::GmailSim::set_history_lag`]).
+    pub history_lag: Duration,
 }
 
 impl Default for SimConfig {
@@ -123,6 +129,7 @@ impl Default for SimConfig {
             history_id_gap: (1, 20),
             initial_history_id: None,
             history_retention: None,
+            history_lag: Duration::ZERO,
         }
     }
 }

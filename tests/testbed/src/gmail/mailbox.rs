@@ -114,6 +114,9 @@ pub(crate) struct HistoryQuery {
     /// `None` = all types.
     pub types: Option<Vec<ChangeKind>>,
     pub label: Option<String>,
+    /// Records that happened after this instant are not visible yet (`SimConfig::history_lag`);
+    /// `None`: all are.
+    pub visible_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -195,7 +198,13 @@ impl Mailbox {
         let idx = self.records.partition_point(|r| r.id <= after);
         let mut out = Vec::with_capacity(q.max_results.min(64));
         let mut next_after = None;
+        // A lagging history answers as of just before its first invisible record.
+        let mut current = self.history_id;
         for r in self.records.range(idx..) {
+            if q.visible_until.is_some_and(|until| r.at > until) {
+                current = current.min(r.id - 1).max(after);
+                break;
+            }
             if !matches(r) {
                 continue;
             }
@@ -208,7 +217,7 @@ impl Mailbox {
         Ok(HistoryPage {
             records: out,
             next_after,
-            current: self.history_id,
+            current,
         })
     }
 

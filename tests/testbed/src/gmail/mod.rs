@@ -18,7 +18,9 @@
 //!   → 404 notFound; above the current id → empty page with the current id; missing or not a
 //!   u64 → 400. `historyTypes` (repeated or comma-separated) keeps only records of those kinds;
 //!   `labelId` keeps records whose message carried the label before or after the change.
-//!   Label lists in records are snapshots taken at the time of the change.
+//!   Label lists in records are snapshots taken at the time of the change. With
+//!   `history_lag`, a change younger than the lag is not shown yet: the page and its historyId
+//!   stop just before it (Gmail's history lagging its notification).
 //! - Retention horizon: initially the mailbox's initial historyId; [`GmailSim::expire_history`]
 //!   raises it to the current id (all history dropped); `history_retention` drops records older
 //!   than the given age (the horizon becomes the last dropped record's id).
@@ -324,6 +326,11 @@ impl GmailSim {
             .state()
             .mailbox_mut(email)
             .map(|m| m.retention = retention));
+    }
+
+    /// See `SimConfig::history_lag`.
+    pub fn set_history_lag(&self, lag: Duration) {
+        self.state().history_lag = lag;
     }
 
     /// The oldest startHistoryId `history.list` accepts for the mailbox.

@@ -367,16 +367,20 @@ fn history_inner(inner: &Inner, email: &str, q: &Option<String>) -> Result<Respo
     let label = first(&pairs, "labelId")
         .filter(|l| !l.is_empty())
         .map(str::to_string);
-    let query = HistoryQuery {
+    let mut query = HistoryQuery {
         start,
         after,
         max_results,
         types,
         label,
+        visible_until: None,
     };
     let page = {
         let mut st = inner.state.lock().expect("state");
         let retention = st.retention;
+        query.visible_until = (!st.history_lag.is_zero())
+            .then(|| std::time::Instant::now().checked_sub(st.history_lag))
+            .flatten();
         let mb = st.mailbox_mut(email).map_err(|_| ApiError::not_found())?;
         mb.apply_retention(retention, std::time::Instant::now());
         mb.list_history(&query)

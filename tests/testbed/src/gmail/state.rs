@@ -82,6 +82,8 @@ pub(crate) struct SimState {
     gap: (u64, u64),
     initial_history_id: Option<u64>,
     pub retention: Option<Duration>,
+    /// See `SimConfig::history_lag`.
+    pub history_lag: Duration,
     min_interval: Duration,
     notify_tx: UnboundedSender<NotifyJob>,
 }
@@ -103,6 +105,7 @@ impl SimState {
             gap,
             initial_history_id: cfg.initial_history_id,
             retention: cfg.history_retention,
+            history_lag: cfg.history_lag,
             min_interval: cfg.notify_min_interval,
             notify_tx,
         }
