@@ -333,6 +333,39 @@ struct Environment {
     )]
     resync_max_messages: u32,
 
+    /// What `message_added` and `message_listed` entries carry besides ids and labels:
+    /// `metadata` (the headers of GMAIL_SYNC_ENRICHMENT_HEADERS, snippet, size, internal date),
+    /// `minimal` (snippet, size, internal date; no headers) or `off`; one users.messages.get per
+    /// message, sent in batches before the commit
+    ///
+    /// e.g. minimal
+    #[arg(long, env = "GMAIL_SYNC_ENRICHMENT", default_value = "metadata", value_parser = enrichment_mode)]
+    enrichment: EnrichmentMode,
+
+    /// Headers written by GMAIL_SYNC_ENRICHMENT=metadata, comma-separated (up to 20; each one
+    /// becomes the field `header_NAME`, lower-cased with `-` as `_`)
+    ///
+    /// e.g. From,To,Subject,Date,List-Id
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_ENRICHMENT_HEADERS",
+        default_value = "From,To,Cc,Subject,Date,Message-ID,In-Reply-To",
+        value_parser = header_names
+    )]
+    enrichment_headers: HeaderNames,
+
+    /// Quota units one users.messages.get costs (1-100): 5 in Gmail's usage table, 20 for
+    /// projects under its newer quota table; counted in the quota figures
+    ///
+    /// e.g. 20
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_MESSAGES_GET_COST",
+        default_value = "5",
+        value_parser = integer::<u64>(1, 100)
+    )]
+    messages_get_cost: u64,
+
     /// Timeout of one Gmail HTTP request, in seconds (1-600)
     ///
     /// e.g. 10
@@ -709,6 +742,8 @@ pub struct GmailSettings {
     pub api_url: String,
     pub request_timeout: Duration,
     pub max_attempts: u32,
+    /// Quota units charged per `users.messages.get` (GMAIL_SYNC_MESSAGES_GET_COST).
+    pub messages_get_cost: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -735,6 +770,19 @@ pub struct SyncSettings {
     pub mailbox_lease: Duration,
     pub history_page_size: u32,
     pub resync_max_messages: u32,
+    pub enrichment: Enrichment,
+}
+
+/// What `message_added` / `message_listed` entries are enriched with (GMAIL_SYNC_ENRICHMENT).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enrichment {
+    /// Ids and labels only: no `users.messages.get`.
+    Off,
+    /// `format=metadata`: these headers (GMAIL_SYNC_ENRICHMENT_HEADERS), snippet, size and
+    /// internal date.
+    Metadata { headers: std::sync::Arc<[String]> },
+    /// `format=minimal`: snippet, size and internal date.
+    Minimal,
 }
 
 /// The scheduler's periods (see `scheduler::SchedulePolicy` for how they combine).
@@ -1028,6 +1076,9 @@ impl Environment {
             mailbox_lease,
             history_page_size,
             resync_max_messages,
+            enrichment,
+            enrichment_headers,
+            messages_get_cost,
             gmail_timeout,
             gmail_max_attempts,
             sync_retries,
@@ -1154,6 +1205,7 @@ impl Environment {
                 api_url: gmail_api_url,
                 request_timeout: gmail_timeout,
                 max_attempts: gmail_max_attempts,
+                messages_get_cost,
             },
             consumer: ConsumerSettings {
                 max_concurrent_syncs,
@@ -1171,6 +1223,13 @@ impl Environment {
                 mailbox_lease,
                 history_page_size,
                 resync_max_messages,
+                enrichment: match enrichment {
+                    EnrichmentMode::Off => Enrichment::Off,
+                    EnrichmentMode::Minimal => Enrichment::Minimal,
+                    EnrichmentMode::Metadata => Enrichment::Metadata {
+                        headers: enrichment_headers.0.into(),
+                    },
+                },
             },
             scheduler: SchedulerSettings {
                 renew_interval,
@@ -1459,6 +1518,58 @@ fn http_url(value: &str) -> Result<String, String> {
     } else {
         Err("expected an http:// or https:// URL".into())
     }
+}
+
+/// GMAIL_SYNC_ENRICHMENT as given; the headers are added in `into_config`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EnrichmentMode {
+    Off,
+    Metadata,
+    Minimal,
+}
+
+fn enrichment_mode(value: &str) -> Result<EnrichmentMode, String> {
+    match value.trim() {
+        "off" => Ok(EnrichmentMode::Off),
+        "metadata" => Ok(EnrichmentMode::Metadata),
+        "minimal" => Ok(EnrichmentMode::Minimal),
+        _ => Err("expected `off`, `metadata` or `minimal`".into()),
+    }
+}
+
+/// GMAIL_SYNC_ENRICHMENT_HEADERS: header names as given (their case is kept for the request).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HeaderNames(Vec<String>);
+
+/// Headers per entry at most: each is a `metadataHeaders` parameter of every
+/// `messages.get` (URL length) and a field of every entry (Redis memory).
+const ENRICHMENT_HEADERS_MAX: usize = 20;
+
+fn header_names(value: &str) -> Result<HeaderNames, String> {
+    let names: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .collect();
+    let expected = || {
+        format!(
+            "expected 1 to {ENRICHMENT_HEADERS_MAX} comma-separated header names (letters, \
+             digits and -), none twice"
+        )
+    };
+    let valid = |n: &String| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let mut seen = std::collections::HashSet::new();
+    // Two names that differ only in case would be one header and one field.
+    let distinct = names.iter().all(|n| seen.insert(n.to_ascii_lowercase()));
+    if names.is_empty()
+        || names.len() > ENRICHMENT_HEADERS_MAX
+        || !names.iter().all(valid)
+        || !distinct
+    {
+        return Err(expected());
+    }
+    Ok(HeaderNames(names))
 }
 
 /// GMAIL_SYNC_LOG_MAILBOX as given; the key is added in `into_config`.
@@ -2020,6 +2131,45 @@ mod tests {
                     max + 1
                 );
             }
+        }
+    }
+
+    #[test]
+    fn enrichment_settings() {
+        let c = load(&[]).unwrap();
+        let Enrichment::Metadata { headers } = &c.sync.enrichment else {
+            panic!("metadata by default");
+        };
+        assert_eq!(
+            headers.join(","),
+            "From,To,Cc,Subject,Date,Message-ID,In-Reply-To"
+        );
+        assert_eq!(c.gmail.messages_get_cost, 5);
+        let c = load(&[
+            ("GMAIL_SYNC_ENRICHMENT", "minimal"),
+            ("GMAIL_SYNC_MESSAGES_GET_COST", "20"),
+        ])
+        .unwrap();
+        assert_eq!(c.sync.enrichment, Enrichment::Minimal);
+        assert_eq!(c.gmail.messages_get_cost, 20);
+        let c = load(&[("GMAIL_SYNC_ENRICHMENT_HEADERS", " List-Id , From,")]).unwrap();
+        assert_eq!(
+            c.sync.enrichment,
+            Enrichment::Metadata {
+                headers: vec!["List-Id".to_string(), "From".to_string()].into()
+            }
+        );
+        assert_eq!(
+            load(&[("GMAIL_SYNC_ENRICHMENT", "all")]).unwrap_err().name,
+            "GMAIL_SYNC_ENRICHMENT"
+        );
+        let many = (0..=ENRICHMENT_HEADERS_MAX)
+            .map(|i| format!("X-{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for bad in ["From,from", "Fr om", "From:", ",", many.as_str()] {
+            let e = load(&[("GMAIL_SYNC_ENRICHMENT_HEADERS", bad)]).unwrap_err();
+            assert_eq!(e.name, "GMAIL_SYNC_ENRICHMENT_HEADERS", "{bad}");
         }
     }
 

@@ -9,14 +9,20 @@
 //!    first, then a bounded message listing, a `resync` entry, the listed messages), then the
 //!    history from the profile's historyId.
 //!
+//! 4. Before each commit, the entries of new messages (`message_added`, and `message_listed`
+//!    after a resync) are enriched with the messages' metadata (GMAIL_SYNC_ENRICHMENT): one
+//!    `users.messages.get` per message, in batches, retried per part. A message already gone is
+//!    written with `gone`; a fetch still failing after its retries fails the sync (retryable),
+//!    so nothing of that page is committed and an ack always means "written with metadata".
+//!
 //! While the sync runs, the lease is renewed every third of its TTL; the commit script checks
 //! it again, so a worker that lost its lease (paused, partitioned) can never write.
 
-use crate::config::SyncSettings;
+use crate::config::{Enrichment, SyncSettings};
 use crate::failure_guard::{Blame, SharedGuard, Verdict};
 use crate::gmail::{
-    GmailClient, GmailError, HistoryChange, HistoryChangeKind, HistoryPage, ListedMessage,
-    REQUESTS_IN_TASK,
+    FetchedMessage, GmailClient, GmailError, HistoryChange, HistoryChangeKind, HistoryPage,
+    ListedMessage, MessageFormat, REQUESTS_IN_TASK,
 };
 use crate::history_id::HistoryId;
 use crate::mailbox::{Mailbox, MailboxLogStyle};
@@ -25,6 +31,7 @@ use crate::store::{
     ResyncReason, Store, StoreError,
 };
 use crate::telemetry::Counters;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -397,7 +404,13 @@ impl Syncer {
             Counters::inc(&self.counters.history_pages);
             match page_commit(progress.cursor, &page) {
                 PageCommit::Commit { to, lease_after } => {
-                    let entries = entries_of(&page.changes);
+                    let entries = self
+                        .enrich(
+                            mailbox,
+                            entries_of(&page.changes),
+                            &page_targets(&page.changes),
+                        )
+                        .await?;
                     progress.cursor = self
                         .store
                         .commit(mailbox, lease, progress.cursor, to, &entries, lease_after)
@@ -451,6 +464,12 @@ impl Syncer {
                 .iter()
                 .map(|m| ChangeEntry::listed(h0, &m.id, &m.thread_id)),
         );
+        // The same bound as the listing (GMAIL_SYNC_RESYNC_MAX_MESSAGES): one fetch per listed
+        // message, none for the `resync` entry.
+        let targets: Vec<Target> = std::iter::once(Target::None)
+            .chain(listed.iter().map(|m| Target::Fetch(&m.id)))
+            .collect();
+        let entries = self.enrich(mailbox, entries, &targets).await?;
         let to = h0.max(from);
         let cursor = self
             .store
@@ -459,6 +478,100 @@ impl Syncer {
         Counters::add(&self.counters.changes_written, entries.len() as u64);
         Ok((cursor, entries.len() as u64))
     }
+}
+
+impl Syncer {
+    /// Enriches `entries` (`targets[i]` says what to do with `entries[i]`) with the metadata
+    /// of their messages, fetched in batches, or marks them `gone`. Off: unchanged, no call.
+    async fn enrich(
+        &self,
+        mailbox: &Mailbox,
+        entries: Vec<ChangeEntry>,
+        targets: &[Target<'_>],
+    ) -> Result<Vec<ChangeEntry>, SyncError> {
+        let (format, headers): (MessageFormat, &[String]) = match &self.settings.enrichment {
+            Enrichment::Off => return Ok(entries),
+            Enrichment::Minimal => (MessageFormat::Minimal, &[]),
+            Enrichment::Metadata { headers } => (
+                MessageFormat::Metadata {
+                    headers: headers.clone(),
+                },
+                headers,
+            ),
+        };
+        let mut seen = HashSet::new();
+        let ids: Vec<String> = targets
+            .iter()
+            .filter_map(|t| match t {
+                Target::Fetch(id) if seen.insert(*id) => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        let fetched = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.gmail.messages_metadata(mailbox, &ids, &format).await?
+        };
+        let by_id: HashMap<&str, &FetchedMessage> =
+            ids.iter().map(String::as_str).zip(&fetched).collect();
+        let mut gone = 0u32;
+        let entries = entries
+            .into_iter()
+            .zip(targets)
+            .map(|(entry, target)| match target {
+                Target::None => entry,
+                Target::Gone => {
+                    gone += 1;
+                    entry.gone()
+                }
+                Target::Fetch(id) => match by_id.get(id) {
+                    Some(FetchedMessage::Found(meta)) => entry.with_metadata(meta, headers),
+                    Some(FetchedMessage::Gone) | None => {
+                        gone += 1;
+                        entry.gone()
+                    }
+                },
+            })
+            .collect();
+        if gone > 0 {
+            tracing::debug!(
+                fetched = ids.len(),
+                gone,
+                "messages deleted before their metadata was fetched"
+            );
+        }
+        Ok(entries)
+    }
+}
+
+/// What enrichment does with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target<'a> {
+    /// Not a new message (`message_deleted`, `labels_*`, `resync`): left as it is.
+    None,
+    /// A new message: fetch the metadata of this id.
+    Fetch(&'a str),
+    /// A new message the same page deletes: `gone` without a call (Gmail would answer 404).
+    Gone,
+}
+
+/// The enrichment targets of a history page's entries (one per change, in order).
+fn page_targets(changes: &[HistoryChange]) -> Vec<Target<'_>> {
+    let deleted: HashSet<&str> = changes
+        .iter()
+        .filter(|c| c.kind == HistoryChangeKind::MessageDeleted)
+        .map(|c| c.message_id.as_str())
+        .collect();
+    changes
+        .iter()
+        .map(|c| match c.kind {
+            HistoryChangeKind::MessageAdded if deleted.contains(c.message_id.as_str()) => {
+                Target::Gone
+            }
+            HistoryChangeKind::MessageAdded => Target::Fetch(&c.message_id),
+            _ => Target::None,
+        })
+        .collect()
 }
 
 struct Progress {
@@ -644,6 +757,35 @@ mod tests {
         assert!(
             !cut_listing(&mut l, 0, false),
             "listing disabled, empty mailbox"
+        );
+    }
+
+    #[test]
+    fn only_new_messages_are_fetched_and_a_deletion_in_the_page_means_gone() {
+        let change = |h, kind, id: &str| HistoryChange {
+            history_id: HistoryId(h),
+            kind,
+            message_id: id.into(),
+            thread_id: "t".into(),
+            label_ids: vec![],
+        };
+        use HistoryChangeKind::*;
+        let changes = vec![
+            change(1, MessageAdded, "a"),
+            change(2, LabelsAdded, "a"),
+            change(3, MessageAdded, "b"),
+            change(4, MessageDeleted, "b"),
+            change(5, LabelsRemoved, "c"),
+        ];
+        assert_eq!(
+            page_targets(&changes),
+            [
+                Target::Fetch("a"),
+                Target::None,
+                Target::Gone,
+                Target::None,
+                Target::None
+            ]
         );
     }
 

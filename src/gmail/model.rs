@@ -3,6 +3,7 @@
 
 use super::wire;
 use crate::history_id::HistoryId;
+use std::sync::Arc;
 
 /// One page of `users.history.list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,36 @@ pub struct MessagePage {
 pub struct ListedMessage {
     pub id: String,
     pub thread_id: String,
+}
+
+/// What `users.messages.get` is asked for when enriching entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageFormat {
+    /// `format=metadata` with `metadataHeaders` = these header names (never empty: Gmail would
+    /// then answer every header).
+    Metadata { headers: Arc<[String]> },
+    /// `format=minimal`: snippet, size and internal date, no headers.
+    Minimal,
+}
+
+/// A message's metadata, as `users.messages.get` answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMetadata {
+    pub snippet: String,
+    pub size_estimate: u64,
+    /// When Gmail received the message (epoch milliseconds).
+    pub internal_date_ms: u64,
+    /// Name and value of each header Gmail returned, in message order (empty with
+    /// [`MessageFormat::Minimal`]).
+    pub headers: Vec<(String, String)>,
+}
+
+/// One message of a metadata fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchedMessage {
+    Found(MessageMetadata),
+    /// Gmail answered 404: the message was deleted before it could be fetched.
+    Gone,
 }
 
 /// A `users.watch` answer.
@@ -137,6 +168,23 @@ impl From<wire::MessageList> for MessagePage {
                 })
                 .collect(),
             next_page_token: l.next_page_token,
+        }
+    }
+}
+
+impl From<wire::Message> for MessageMetadata {
+    fn from(m: wire::Message) -> MessageMetadata {
+        MessageMetadata {
+            snippet: m.snippet,
+            size_estimate: m.size_estimate,
+            internal_date_ms: m.internal_date,
+            headers: m
+                .payload
+                .unwrap_or_default()
+                .headers
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
         }
     }
 }

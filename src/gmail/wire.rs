@@ -77,6 +77,35 @@ pub struct WatchResponse {
     pub expiration: u64,
 }
 
+/// A `users.messages.get` answer (`format=metadata` or `minimal`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    #[serde(default)]
+    pub snippet: String,
+    #[serde(default)]
+    pub size_estimate: u64,
+    /// Epoch milliseconds, sent as a string (int64).
+    #[serde(default, deserialize_with = "epoch_ms")]
+    pub internal_date: u64,
+    /// Absent with `format=minimal`.
+    #[serde(default)]
+    pub payload: Option<Payload>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Payload {
+    #[serde(default)]
+    pub headers: Vec<Header>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Header {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
 fn epoch_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     HistoryId::deserialize(d).map(|h| h.get())
 }
@@ -123,6 +152,26 @@ mod tests {
         assert!(p.history.is_empty());
         assert_eq!(p.history_id, HistoryId(42));
         assert!(p.next_page_token.is_none());
+    }
+
+    #[test]
+    fn decodes_a_metadata_message() {
+        let m: Message = serde_json::from_str(
+            r#"{"id":"18c2","threadId":"18c1","labelIds":["INBOX"],"snippet":"Hi &amp; bye",
+                "payload":{"partId":"","mimeType":"multipart/alternative","headers":[
+                  {"name":"From","value":"A <a@x.com>"},{"name":"Subject","value":"Re: x"}]},
+                "sizeEstimate":5120,"historyId":"99","internalDate":"1700000000123"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.internal_date, 1_700_000_000_123);
+        assert_eq!(m.size_estimate, 5120);
+        assert_eq!(m.payload.unwrap().headers[1].value, "Re: x");
+        let minimal: Message = serde_json::from_str(
+            r#"{"id":"1","threadId":"1","sizeEstimate":1,"internalDate":"2"}"#,
+        )
+        .unwrap();
+        assert!(minimal.payload.is_none());
+        assert_eq!(minimal.snippet, "");
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl Store {
                     .arg("history_id")
                     .arg(e.history_id.to_string());
                 for (f, v) in &e.fields {
-                    inv.arg(*f).arg(v.as_str());
+                    inv.arg(f.as_ref()).arg(v.as_str());
                 }
             }
             let mut c = self.conn.clone();

@@ -3,10 +3,10 @@
 //!
 //! Invariant tests (a worker started exactly as `main` starts one), one file per topic:
 //! `end_to_end`, `ack_and_commit` (I1, I2), `duplicates` (I4), `resync` (I5), `bad_input` (I6),
-//! `gmail_errors`, `shutdown`, `redis_faults`, `cluster`, `redis_tls` (TLS and logins); the
-//! commit script directly: `store`; the real binary as processes: `processes`, and its health
-//! probes: `health`; refresh tokens sealed at rest and key rotation: `vault`; real Gmail
-//! credentials: `credentials`.
+//! `gmail_errors`, `enrichment` (message metadata), `shutdown`, `redis_faults`, `cluster`,
+//! `redis_tls` (TLS and logins); the commit script directly: `store`; the real binary as
+//! processes: `processes`, and its health probes: `health`; refresh tokens sealed at rest and key
+//! rotation: `vault`; real Gmail credentials: `credentials`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -14,6 +14,7 @@ mod cluster;
 mod credentials;
 mod duplicates;
 mod end_to_end;
+mod enrichment;
 mod gmail_errors;
 mod harness;
 mod health;

@@ -759,6 +759,20 @@ impl Testbed {
         check::compare(&self.sim.ledger(), &fields, &self.baselines)
     }
 
+    /// [`check::compare_metadata`] on the bed's streams: every new message's entry carries the
+    /// simulator's metadata for it (`headers` as configured; empty for `minimal`), or `gone`.
+    pub async fn check_metadata(
+        &self,
+        headers: &[&str],
+    ) -> std::result::Result<check::MetadataCheck, String> {
+        let entries = self
+            .entries()
+            .await
+            .map_err(|e| format!("reading the change streams: {e:#}"))?;
+        let fields: Vec<StreamEntry> = entries.into_iter().map(|e| e.fields).collect();
+        check::compare_metadata(&self.sim.ledger(), &fields, &self.baselines, headers)
+    }
+
     /// A notification as Gmail would publish it, straight onto the bed's topic.
     pub async fn publish(&self, payload: &[u8]) -> Result<()> {
         let publisher = pubsub::publisher(&self.emulator.endpoint(), &self.topic.topic).await?;

@@ -140,3 +140,109 @@ fn actual_line(e: &StreamEntry) -> String {
         get("message_id")
     )
 }
+
+/// What [`compare_metadata`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetadataCheck {
+    /// `message_added` / `message_listed` entries carrying their message's metadata.
+    pub enriched: usize,
+    /// Entries marked `gone` (their message was deleted, as the ledger confirms).
+    pub gone: usize,
+}
+
+/// The field of header `name` as README.md documents it: `header_` + lower-cased, `-` as `_`.
+pub fn header_field(name: &str) -> String {
+    format!("header_{}", name.to_ascii_lowercase().replace('-', "_"))
+}
+
+/// Every `message_added` and `message_listed` entry of the mailboxes in `baselines` carries its
+/// message's metadata exactly as the simulator holds it (see `gmail::metadata`): `snippet`,
+/// `size_estimate`, `internal_date`, and for each of `headers` the field `header_*` when the
+/// message has that header (values joined by a line feed), absent otherwise, and no other
+/// header field; or it is marked `gone` = `1` without metadata, and the ledger shows the
+/// message deleted. With `headers` empty (`minimal`) no header field may appear.
+pub fn compare_metadata(
+    ledger: &Ledger,
+    entries: &[StreamEntry],
+    baselines: &BTreeMap<String, u64>,
+    headers: &[&str],
+) -> Result<MetadataCheck, String> {
+    let mut meta = BTreeMap::new();
+    let mut deleted = std::collections::BTreeSet::new();
+    for c in ledger.changes() {
+        match c.kind {
+            ChangeKind::MessageAdded => {
+                if let Some(m) = &c.message {
+                    meta.insert((c.mailbox.as_str(), c.message_id.as_str()), m);
+                }
+            }
+            ChangeKind::MessageDeleted => {
+                deleted.insert((c.mailbox.as_str(), c.message_id.as_str()));
+            }
+            _ => {}
+        }
+    }
+    let wanted: Vec<String> = headers.iter().map(|h| header_field(h)).collect();
+    let mut found = MetadataCheck::default();
+    for e in entries {
+        let get = |f: &str| e.get(f).map(String::as_str);
+        let mailbox = get("mailbox").unwrap_or("");
+        if !baselines.contains_key(mailbox)
+            || !matches!(get("kind"), Some("message_added" | "message_listed"))
+        {
+            continue;
+        }
+        let id = get("message_id").unwrap_or("");
+        let what = format!("{mailbox} {} {id}", get("kind").unwrap_or(""));
+        let metadata_fields = e
+            .keys()
+            .filter(|k| {
+                k.starts_with("header")
+                    || ["snippet", "size_estimate", "internal_date"].contains(&k.as_str())
+            })
+            .cloned()
+            .collect::<Vec<_>>();
+        if get("gone") == Some("1") {
+            if !deleted.contains(&(mailbox, id)) {
+                return Err(format!(
+                    "{what}: marked gone, but the ledger never deleted it"
+                ));
+            }
+            if !metadata_fields.is_empty() {
+                return Err(format!("{what}: gone, yet carries {metadata_fields:?}"));
+            }
+            found.gone += 1;
+            continue;
+        }
+        let m = meta
+            .get(&(mailbox, id))
+            .ok_or_else(|| format!("{what}: no delivery with metadata in the ledger"))?;
+        let mut expected: BTreeMap<String, String> = BTreeMap::from([
+            ("snippet".to_string(), m.snippet.clone()),
+            ("size_estimate".to_string(), m.size_estimate.to_string()),
+            ("internal_date".to_string(), m.internal_date_ms.to_string()),
+        ]);
+        for (name, field) in headers.iter().zip(&wanted) {
+            let values: Vec<&str> = m
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            if !values.is_empty() {
+                expected.insert(field.clone(), values.join("\n"));
+            }
+        }
+        let actual: BTreeMap<String, String> = metadata_fields
+            .iter()
+            .map(|k| (k.clone(), e[k].clone()))
+            .collect();
+        if actual != expected {
+            return Err(format!(
+                "{what}: metadata differs:\n  expected {expected:?}\n  got      {actual:?}"
+            ));
+        }
+        found.enriched += 1;
+    }
+    Ok(found)
+}

@@ -1810,6 +1810,7 @@ fn call_at(endpoint: Endpoint, mailbox: Option<&str>, from_ms: u64, to_ms: u64) 
         status: 200,
         error_reason: None,
         faulted: false,
+        batch: None,
         started: t(from_ms),
         ended: t(to_ms),
     })
@@ -2108,4 +2109,169 @@ async fn watch_knobs_over_the_control_api() {
     assert_eq!(sim.faults()[0].1, rule);
     assert_eq!(watch_on(&sim, A, T1).await.status, 400);
     assert_eq!(watch_on(&sim, A, T1).await.status, 200);
+}
+
+/// `messages.get` metadata: `metadataHeaders` selects headers (case-insensitive), `minimal`
+/// has none; the ledger's messageAdded entry carries the same metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_metadata_is_deterministic_and_selectable() {
+    let sim = sim().await;
+    sim.add_mailbox(A);
+    let root = sim.deliver(A, &["INBOX"]);
+    let reply = sim.reply(A, &root, &["INBOX"]);
+    let r = get(
+        &sim,
+        TOKEN,
+        &users(A, &format!("messages/{reply}")),
+        &[
+            ("format", "metadata"),
+            ("metadataHeaders", "in-reply-to"),
+            ("metadataHeaders", "From"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let headers = r.body["payload"]["headers"].as_array().unwrap();
+    let names: Vec<&str> = headers
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["From", "In-Reply-To"],
+        "message order, only those asked for"
+    );
+    assert_eq!(
+        headers[1]["value"],
+        json!(format!("<{root}@gmail-sim.invalid>"))
+    );
+    let ledger = sim.ledger();
+    let added = ledger.changes_for(A);
+    let meta = added[1]
+        .message
+        .as_ref()
+        .expect("messageAdded carries its metadata");
+    assert_eq!(meta.header("From"), headers[0]["value"].as_str());
+    assert_eq!(r.body["snippet"], json!(meta.snippet));
+    assert_eq!(
+        r.body["internalDate"],
+        json!(meta.internal_date_ms.to_string())
+    );
+    let all = get(
+        &sim,
+        TOKEN,
+        &users(A, &format!("messages/{reply}")),
+        &[("format", "metadata")],
+    )
+    .await;
+    assert_eq!(
+        all.body["payload"]["headers"].as_array().unwrap().len(),
+        meta.headers.len()
+    );
+    let minimal = get(
+        &sim,
+        TOKEN,
+        &users(A, &format!("messages/{reply}")),
+        &[("format", "minimal")],
+    )
+    .await;
+    assert!(minimal.body.get("payload").is_none());
+}
+
+fn batch_body(boundary: &str, targets: &[String]) -> String {
+    let mut body = String::new();
+    for (i, t) in targets.iter().enumerate() {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Type: application/http\r\nContent-ID: <item-{i}>\r\n\r\nGET {t} HTTP/1.1\r\n\r\n\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    body
+}
+
+async fn send_batch(sim: &GmailSim, body: String) -> (u16, String, String) {
+    let r = http()
+        .post(format!("{}/batch/gmail/v1", sim.base_url()))
+        .bearer_auth(TOKEN)
+        .header("Content-Type", "multipart/mixed; boundary=\"bb_1\"")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, ct, r.text().await.unwrap())
+}
+
+/// The batch endpoint: one part per request through the whole pipeline (faults per part, one
+/// ledger entry each, charged like direct calls), 404 for a deleted message, > 100 parts → 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_answers_each_part_through_the_pipeline() {
+    let sim = sim().await;
+    sim.add_mailbox(A);
+    let ids: Vec<String> = (0..3).map(|_| sim.deliver(A, &["INBOX"])).collect();
+    sim.delete(A, &ids[1]);
+    sim.inject(
+        FaultRule::new(
+            Some(Endpoint::MessagesGet),
+            FaultAction::too_many_requests(1),
+        )
+        .for_mailbox(A)
+        .times(1),
+    );
+    let targets: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            format!(
+                "/gmail/v1/users/{}/messages/{id}?format=metadata&metadataHeaders=Subject",
+                A.replace('@', "%40")
+            )
+        })
+        .collect();
+    let (status, ct, text) = send_batch(&sim, batch_body("bb_1", &targets)).await;
+    assert_eq!(status, 200);
+    let boundary = ct
+        .split("boundary=")
+        .nth(1)
+        .expect("a boundary")
+        .to_string();
+    let parts: Vec<&str> = text.split(&format!("--{boundary}")).skip(1).collect();
+    assert_eq!(
+        parts.len(),
+        4,
+        "three parts and the closing delimiter: {text}"
+    );
+    assert!(
+        parts[0].contains("Content-ID: <response-item-0>") && parts[0].contains("HTTP/1.1 429")
+    );
+    assert!(parts[0].contains("Retry-After: 1"), "{}", parts[0]);
+    assert!(
+        parts[1].contains("Content-ID: <response-item-1>") && parts[1].contains("HTTP/1.1 404")
+    );
+    assert!(parts[2].contains("HTTP/1.1 200") && parts[2].contains("\"Subject\""));
+    assert!(!parts[2].contains("\"From\""));
+    assert_eq!(parts[3].trim(), "--");
+    let ledger = sim.ledger();
+    let gets = ledger.calls_to_for(Endpoint::MessagesGet, A);
+    let seen: Vec<(u16, u64, Option<u64>)> =
+        gets.iter().map(|c| (c.status, c.cost, c.batch)).collect();
+    assert_eq!(
+        seen,
+        [(429, 0, Some(1)), (404, 5, Some(1)), (200, 5, Some(1))]
+    );
+    assert_eq!(ledger.calls_to(Endpoint::Batch).len(), 1);
+    assert_eq!(ledger.calls_to(Endpoint::Batch)[0].cost, 0);
+
+    let too_many: Vec<String> = (0..101).map(|_| targets[0].clone()).collect();
+    let (status, _, _) = send_batch(&sim, batch_body("bb_1", &too_many)).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        sim.ledger().calls_to_for(Endpoint::MessagesGet, A).len(),
+        3,
+        "nothing per part"
+    );
 }

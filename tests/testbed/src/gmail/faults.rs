@@ -219,6 +219,25 @@ impl Faults {
         self.rules.clone()
     }
 
+    /// Consumes one use of the first rule that names `endpoint` itself (rules for any
+    /// endpoint do not match): for batch requests as a whole, so existing catch-all rules keep
+    /// applying to the calls inside them only.
+    pub fn take_named(&mut self, endpoint: Endpoint) -> Option<FaultAction> {
+        let pos = self
+            .rules
+            .iter()
+            .position(|(_, r)| r.endpoint == Some(endpoint) && r.remaining != Some(0))?;
+        let rule = &mut self.rules[pos].1;
+        let action = rule.action.clone();
+        if let Some(n) = rule.remaining.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.rules.remove(pos);
+            }
+        }
+        Some(action)
+    }
+
     /// Consumes one use of the first matching rule.
     pub fn take(&mut self, endpoint: Endpoint, mailbox: Option<&str>) -> Option<FaultAction> {
         if self.rules.is_empty() {

@@ -55,6 +55,10 @@ pub struct ChangeEntry {
     pub label_ids: Vec<String>,
     /// The message's labels after the change (before it, for a deletion).
     pub labels_after: Vec<String>,
+    /// For [`ChangeKind::MessageAdded`]: the message's metadata as `messages.get` answers it
+    /// (headers, snippet, size, internal date; they never change afterwards).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<super::metadata::MessageMeta>,
     #[serde(serialize_with = "time_ms")]
     pub at: SystemTime,
 }
@@ -86,6 +90,9 @@ pub enum Endpoint {
     Token,
     /// The fake IAM Credentials `signJwt` (keyless delegation signing).
     IamSignJwt,
+    /// A batch request (`POST /batch/gmail/v1`) as a whole: free; each of its parts is a call
+    /// of its own endpoint in the ledger, with [`CallEntry::batch`] set.
+    Batch,
 }
 
 impl Endpoint {
@@ -98,7 +105,7 @@ impl Endpoint {
             Endpoint::MessagesGet => 5,
             Endpoint::Watch => 100,
             Endpoint::Stop => 50,
-            Endpoint::Token | Endpoint::IamSignJwt => 0,
+            Endpoint::Token | Endpoint::IamSignJwt | Endpoint::Batch => 0,
         }
     }
 
@@ -113,6 +120,7 @@ impl Endpoint {
             Endpoint::Stop => "users.stop",
             Endpoint::Token => "oauth2.token",
             Endpoint::IamSignJwt => "iam.serviceAccounts.signJwt",
+            Endpoint::Batch => "batch",
         }
     }
 }
@@ -137,6 +145,10 @@ pub struct CallEntry {
     pub error_reason: Option<String>,
     /// Whether an injected fault rule produced (or delayed) the answer.
     pub faulted: bool,
+    /// For a part of a batch request, and for the batch's own [`Endpoint::Batch`] entry: the
+    /// batch's number (1, 2, ... in arrival order). `None` for a direct call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u64>,
     #[serde(serialize_with = "time_ms")]
     pub started: SystemTime,
     #[serde(serialize_with = "time_ms")]

@@ -33,6 +33,20 @@ pub(crate) struct Message {
     pub internal_date_ms: u64,
     pub size_estimate: u64,
     pub snippet: String,
+    /// All its headers, in order (see [`super::metadata::simulated_headers`]).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Message {
+    /// What `messages.get?format=metadata` answers about it (and the ledger records).
+    pub fn meta(&self) -> super::metadata::MessageMeta {
+        super::metadata::MessageMeta {
+            headers: self.headers.clone(),
+            snippet: self.snippet.clone(),
+            size_estimate: self.size_estimate,
+            internal_date_ms: self.internal_date_ms,
+        }
+    }
 }
 
 /// One history record (one change).

@@ -2,7 +2,7 @@
 //!
 //! [`GmailSim::start`] serves, on a loopback port, `users.getProfile`, `users.history.list`,
 //! `users.messages.list`, `users.messages.get`, `users.watch`, `users.stop` under
-//! `/gmail/v1/users/{userId}/...`, an OAuth token endpoint at `/token` (refresh-token and
+//! `/gmail/v1/users/{userId}/...`, the batch endpoint `POST /batch/gmail/v1` (see [`batch`]), an OAuth token endpoint at `/token` (refresh-token and
 //! delegation-JWT grants), and a JSON control API under `/_sim/...` (see [`control`]).
 //! Every change it makes and every call it answers is appended to a [`Ledger`].
 //!
@@ -67,8 +67,8 @@
 //!   notification, so delayed notifications can arrive out of order (as in the field).
 //!
 //! # Not modelled
-//! `q` search, threads/labels/drafts endpoints, batch requests, message bodies (`full`/`raw`
-//! answer like `metadata`), scopes (any token may call any endpoint), the daily project quota,
+//! `q` search, threads/labels/drafts endpoints, methods other than `messages.get` inside batch
+//! requests, message bodies (`full`/`raw` answer like `metadata`; headers: [`metadata`]), scopes (any token may call any endpoint), the daily project quota,
 //! checking that the watch topic exists or grants publish to Gmail (a missing topic shows as a
 //! `Failed` notification in the ledger), push delivery via HTTPS push subscriptions, the
 //! minutes-long delay before `stop` takes effect (it is immediate here), several developer
@@ -77,6 +77,7 @@
 //! instead), and watch processing time other than the fixed `watch_processing`.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod control;
 pub mod errors;
@@ -84,6 +85,7 @@ pub mod faults;
 pub mod fixtures;
 pub mod ledger;
 pub mod mailbox;
+pub mod metadata;
 pub mod notifier;
 pub mod quota;
 pub(crate) mod server;
@@ -97,6 +99,7 @@ pub use ledger::{
     CallEntry, ChangeEntry, ChangeKind, Endpoint, Ledger, LedgerEntry, NotificationEntry,
     NotificationOutcome,
 };
+pub use metadata::{MessageMeta, simulated_headers};
 pub use state::{Delivered, MessageId, SimError};
 
 use auth::Auth;
@@ -131,6 +134,8 @@ pub(crate) struct Inner {
     pub knobs: Mutex<Knobs>,
     pub publishers: Publishers,
     pub notifications_sent: AtomicU64,
+    /// Batch requests received (numbers them, see `CallEntry::batch`).
+    pub batches: AtomicU64,
     pub cancel: CancellationToken,
 }
 
@@ -197,6 +202,7 @@ impl GmailSim {
             }),
             publishers: Publishers::new(cfg.pubsub_endpoint.clone()),
             notifications_sent: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             cancel: cancel.clone(),
             cfg,
         });

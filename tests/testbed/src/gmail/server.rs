@@ -31,29 +31,33 @@ pub(crate) fn routes() -> Router<Arc<Inner>> {
         .route("/gmail/v1/users/{user}/messages/{id}", get(messages_get))
         .route("/gmail/v1/users/{user}/watch", post(watch))
         .route("/gmail/v1/users/{user}/stop", post(stop))
+        .route("/batch/gmail/v1", post(super::batch::batch))
         .route("/token", post(token))
         .route("/v1/projects/-/serviceAccounts/{target}", post(sign_jwt))
 }
 
 /// One call in progress; recorded in the ledger when dropped (status 499 if never finished,
 /// i.e. the client went away).
-struct Call {
+pub(super) struct Call {
     inner: Arc<Inner>,
     endpoint: Endpoint,
+    /// The number of the batch request that carried it (see [`CallEntry::batch`]).
+    pub(super) batch: Option<u64>,
     mailbox: Option<String>,
     bearer: Option<String>,
     cost: u64,
     entered: bool,
-    faulted: bool,
+    pub(super) faulted: bool,
     started: SystemTime,
     done: Option<(u16, Option<String>)>,
 }
 
 impl Call {
-    fn new(inner: &Arc<Inner>, endpoint: Endpoint, bearer: Option<String>) -> Self {
+    pub(super) fn new(inner: &Arc<Inner>, endpoint: Endpoint, bearer: Option<String>) -> Self {
         Call {
             inner: inner.clone(),
             endpoint,
+            batch: None,
             mailbox: None,
             bearer,
             cost: 0,
@@ -64,12 +68,12 @@ impl Call {
         }
     }
 
-    fn fail(mut self, e: ApiError) -> Response {
+    pub(super) fn fail(mut self, e: ApiError) -> Response {
         self.done = Some((e.code, Some(e.reason.clone())));
         e.into_response()
     }
 
-    fn finish(mut self, r: Result<Response, ApiError>) -> Response {
+    pub(super) fn finish(mut self, r: Result<Response, ApiError>) -> Response {
         match r {
             Ok(resp) => {
                 self.done = Some((resp.status().as_u16(), None));
@@ -96,6 +100,7 @@ impl Drop for Call {
             status,
             error_reason,
             faulted: self.faulted,
+            batch: self.batch,
             started: self.started,
             ended: SystemTime::now(),
         };
@@ -105,7 +110,7 @@ impl Drop for Call {
     }
 }
 
-fn bearer_of(headers: &HeaderMap) -> Option<String> {
+pub(super) fn bearer_of(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, token) = v.split_once(' ')?;
     scheme
@@ -121,8 +126,21 @@ async fn gate(
     user: &str,
     headers: &HeaderMap,
 ) -> Result<(Call, String), Response> {
+    gate_in_batch(inner, endpoint, user, headers, None).await
+}
+
+/// [`gate`] for a call that came as part `batch` of a batch request (`None`: a direct call):
+/// the same pipeline, so a part is authorized, faulted, charged and recorded like a call.
+pub(super) async fn gate_in_batch(
+    inner: &Arc<Inner>,
+    endpoint: Endpoint,
+    user: &str,
+    headers: &HeaderMap,
+    batch: Option<u64>,
+) -> Result<(Call, String), Response> {
     let bearer = bearer_of(headers);
     let mut call = Call::new(inner, endpoint, bearer.clone());
+    call.batch = batch;
     let Some(bearer) = bearer else {
         return Err(call.fail(ApiError::login_required()));
     };
@@ -478,27 +496,39 @@ async fn messages_get(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let r = (|| {
-        let pairs = query_pairs(&q)?;
-        let with_metadata = match first(&pairs, "format").unwrap_or("full") {
-            "minimal" | "MINIMAL" => false,
-            "metadata" | "METADATA" | "full" | "FULL" | "raw" | "RAW" => true,
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "Invalid value at 'format' (type.googleapis.com/google.apps.gmail.v1.\
-                     GetMessageRequest.Format), \"{other}\""
-                )));
-            }
-        };
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ApiError::invalid("Invalid id value"));
+    call.finish(messages_get_inner(&inner, &email, &id, &q))
+}
+
+/// `users.messages.get` past the pipeline (direct or as a batch part).
+pub(super) fn messages_get_inner(
+    inner: &Inner,
+    email: &str,
+    id: &str,
+    q: &Option<String>,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(q)?;
+    let format = match first(&pairs, "format").unwrap_or("full") {
+        "minimal" | "MINIMAL" => GetFormat::Minimal,
+        "metadata" | "METADATA" | "full" | "FULL" | "raw" | "RAW" => GetFormat::Metadata {
+            headers: all(&pairs, "metadataHeaders")
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        },
+        other => {
+            return Err(ApiError::invalid(format!(
+                "Invalid value at 'format' (type.googleapis.com/google.apps.gmail.v1.\
+                 GetMessageRequest.Format), \"{other}\""
+            )));
         }
-        let st = inner.state.lock().expect("state");
-        let mb = st.mailbox(&email).map_err(|_| ApiError::not_found())?;
-        let m = mb.messages.get(&id).ok_or_else(ApiError::not_found)?;
-        Ok(json_ok(&MessageJson::new(m, &email, with_metadata)))
-    })();
-    call.finish(r)
+    };
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::invalid("Invalid id value"));
+    }
+    let st = inner.state.lock().expect("state");
+    let mb = st.mailbox(email).map_err(|_| ApiError::not_found())?;
+    let m = mb.messages.get(id).ok_or_else(ApiError::not_found)?;
+    Ok(json_ok(&MessageJson::new(m, &format)))
 }
 
 #[derive(serde::Deserialize, Default)]

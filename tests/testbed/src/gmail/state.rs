@@ -193,6 +193,10 @@ impl SimState {
             ChangeKind::MessageAdded | ChangeKind::MessageDeleted => labels.clone(),
             _ => changed,
         };
+        // A delivery records the message's metadata (it is inserted before its record).
+        let message = (kind == ChangeKind::MessageAdded)
+            .then(|| mb.messages.get(message_id).map(Message::meta))
+            .flatten();
         self.ledger.push(LedgerEntry::Change(ChangeEntry {
             mailbox: email.to_string(),
             history_id: id,
@@ -201,6 +205,7 @@ impl SimState {
             thread_id: thread_id.to_string(),
             label_ids,
             labels_after: labels,
+            message,
             at: SystemTime::now(),
         }));
         if let Some(job) = job {
@@ -227,14 +232,16 @@ impl SimState {
         let hid = self.advance(email)?;
         let mb = self.mailbox_mut(email)?;
         let snippet = format!("Simulated message {} of {}", mb.messages.len() + 1, email);
+        let internal_date_ms = super::mailbox::now_ms();
         mb.insert_message(Message {
             id: id.clone(),
             thread_id: thread_id.clone(),
             labels: labels.clone(),
             history_id: hid,
-            internal_date_ms: super::mailbox::now_ms(),
+            internal_date_ms,
             size_estimate,
             snippet,
+            headers: super::metadata::simulated_headers(email, &id, &thread_id, internal_date_ms),
         });
         self.record(
             email,

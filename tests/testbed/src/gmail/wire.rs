@@ -115,16 +115,26 @@ pub(crate) struct MessageListJson<'a> {
 }
 
 #[derive(Serialize)]
-pub(crate) struct HeaderJson {
-    pub name: &'static str,
-    pub value: String,
+pub(crate) struct HeaderJson<'a> {
+    pub name: &'a str,
+    pub value: &'a str,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct PayloadJson {
+pub(crate) struct PayloadJson<'a> {
     pub mime_type: &'static str,
-    pub headers: Vec<HeaderJson>,
+    pub headers: Vec<HeaderJson<'a>>,
+}
+
+/// What `messages.get` returns, by its `format` parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GetFormat {
+    /// `minimal`: no payload.
+    Minimal,
+    /// `metadata` (`full` and `raw` answer like it: bodies are not modelled): the headers named
+    /// by `metadataHeaders` (case-insensitive), or all of them when none is named.
+    Metadata { headers: Vec<String> },
 }
 
 #[derive(Serialize)]
@@ -136,35 +146,28 @@ pub(crate) struct MessageJson<'a> {
     pub label_ids: &'a [String],
     pub snippet: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<PayloadJson>,
+    pub payload: Option<PayloadJson<'a>>,
     pub size_estimate: u64,
     pub history_id: String,
     pub internal_date: String,
 }
 
 impl<'a> MessageJson<'a> {
-    pub fn new(m: &'a Message, email: &str, with_metadata: bool) -> Self {
-        let payload = with_metadata.then(|| PayloadJson {
-            mime_type: "text/plain",
-            headers: vec![
-                HeaderJson {
-                    name: "From",
-                    value: format!("sender-{}@example.com", &m.thread_id[..6]),
-                },
-                HeaderJson {
-                    name: "To",
-                    value: email.to_string(),
-                },
-                HeaderJson {
-                    name: "Subject",
-                    value: format!("Simulated thread {}", m.thread_id),
-                },
-                HeaderJson {
-                    name: "Message-ID",
-                    value: format!("<{}@gmail-sim.invalid>", m.id),
-                },
-            ],
-        });
+    pub fn new(m: &'a Message, format: &GetFormat) -> Self {
+        let payload = match format {
+            GetFormat::Minimal => None,
+            GetFormat::Metadata { headers: wanted } => Some(PayloadJson {
+                mime_type: "text/plain",
+                headers: m
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| {
+                        wanted.is_empty() || wanted.iter().any(|w| w.eq_ignore_ascii_case(n))
+                    })
+                    .map(|(name, value)| HeaderJson { name, value })
+                    .collect(),
+            }),
+        };
         MessageJson {
             id: &m.id,
             thread_id: &m.thread_id,
