@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --example bench    # BENCH_MAILBOXES=1000 BENCH_RATE=1000 BENCH_SECONDS=15
+//!                                         # BENCH_ENRICHMENT=off|minimal|metadata
 //! ```
 //! Two phases, each with a fresh worker process on a fresh subscription (so every figure
 //! belongs to one phase):
@@ -40,6 +41,8 @@ async fn bench() -> anyhow::Result<()> {
     let n_mailboxes: usize = env_or("BENCH_MAILBOXES", 1000);
     let rate: usize = env_or("BENCH_RATE", 1000);
     let seconds: u64 = env_or("BENCH_SECONDS", 15);
+    // Passed to the worker as GMAIL_SYNC_ENRICHMENT (`off`, `minimal`, `metadata`).
+    let enrichment: String = env_or("BENCH_ENRICHMENT", "metadata".to_string());
     // Every change notifies: the workload controls the notification pattern exactly.
     let sim = SimConfig {
         notify_min_interval: Duration::ZERO,
@@ -50,7 +53,7 @@ async fn bench() -> anyhow::Result<()> {
         .map(|i| format!("b{i:05}@bench.example"))
         .collect();
     println!(
-        "gmail-sync benchmark: {n_mailboxes} mailboxes, {rate} notifications/s offered, {seconds} s per phase"
+        "gmail-sync benchmark: {n_mailboxes} mailboxes, {rate} notifications/s offered, {seconds} s per phase, enrichment {enrichment}"
     );
     println!();
     println!(
@@ -79,7 +82,7 @@ async fn bench() -> anyhow::Result<()> {
                 } else {
                     "bursts"
                 },
-                &[],
+                &[("GMAIL_SYNC_ENRICHMENT", enrichment.as_str())],
             )
             .await?;
         wait_caught_up(&bed).await?;
