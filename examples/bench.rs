@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --release --example bench    # BENCH_MAILBOXES=1000 BENCH_RATE=1000 BENCH_SECONDS=15
 //! BENCH_PHASES=realistic,low cargo run --release --example bench   # only these phases
+//!                                         # BENCH_ENRICHMENT=off|minimal|metadata
 //! ```
 //! Phases (the table in [`PHASES`]), each with a fresh worker process on a fresh subscription
 //! (so every figure belongs to one phase), selected with `BENCH_PHASES` (comma-separated; all
@@ -155,6 +156,8 @@ async fn bench() -> anyhow::Result<()> {
         Size::Fixed { mailboxes, rate } => (mailboxes, rate),
     };
     let most_mailboxes = phases.iter().map(|p| size_of(p.size).0).max().unwrap_or(0);
+    // Passed to the worker as GMAIL_SYNC_ENRICHMENT (`off`, `minimal`, `metadata`).
+    let enrichment: String = env_or("BENCH_ENRICHMENT", "metadata".to_string());
     // Every change notifies: the workload controls the notification pattern exactly.
     let sim = SimConfig {
         notify_min_interval: Duration::ZERO,
@@ -166,7 +169,7 @@ async fn bench() -> anyhow::Result<()> {
         .collect();
     println!(
         "gmail-sync benchmark: {seconds} s per phase; steady and bursts: {env_mailboxes} mailboxes, \
-         {env_rate} notifications/s offered; lagged: history {} ms behind",
+         {env_rate} notifications/s offered; lagged: history {} ms behind; enrichment {enrichment}",
         history_lag.as_millis()
     );
     println!();
@@ -198,7 +201,12 @@ async fn bench() -> anyhow::Result<()> {
             Lag::None => Duration::ZERO,
             Lag::FromEnv => history_lag,
         });
-        let worker = bed.spawn_worker(phase.name, &[]).await?;
+        let worker = bed
+            .spawn_worker(
+                phase.name,
+                &[("GMAIL_SYNC_ENRICHMENT", enrichment.as_str())],
+            )
+            .await?;
         wait_caught_up(&bed).await?;
         let ledger_before = bed.sim.ledger();
         let calls_before = ledger_before.calls().len();
