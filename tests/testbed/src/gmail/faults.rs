@@ -219,14 +219,8 @@ impl Faults {
         self.rules.clone()
     }
 
-    /// Consumes one use of the first rule that names `endpoint` itself (rules for any
-    /// endpoint do not match): for batch requests as a whole, so existing catch-all rules keep
-    /// applying to the calls inside them only.
-    pub fn take_named(&mut self, endpoint: Endpoint) -> Option<FaultAction> {
-        let pos = self
-            .rules
-            .iter()
-            .position(|(_, r)| r.endpoint == Some(endpoint) && r.remaining != Some(0))?;
+    /// One use of rule `pos`: its action; the rule goes once its uses are spent.
+    fn consume(&mut self, pos: usize) -> FaultAction {
         let rule = &mut self.rules[pos].1;
         let action = rule.action.clone();
         if let Some(n) = rule.remaining.as_mut() {
@@ -235,7 +229,18 @@ impl Faults {
                 self.rules.remove(pos);
             }
         }
-        Some(action)
+        action
+    }
+
+    /// Consumes one use of the first rule that names `endpoint` itself (rules for any
+    /// endpoint do not match): for batch requests as a whole, so existing catch-all rules keep
+    /// applying to the calls inside them only.
+    pub fn take_named(&mut self, endpoint: Endpoint) -> Option<FaultAction> {
+        let pos = self
+            .rules
+            .iter()
+            .position(|(_, r)| r.endpoint == Some(endpoint) && r.remaining != Some(0))?;
+        Some(self.consume(pos))
     }
 
     /// Consumes one use of the first matching rule.
@@ -248,14 +253,6 @@ impl Faults {
                 && r.mailbox.as_deref().is_none_or(|m| Some(m) == mailbox)
                 && r.remaining != Some(0)
         })?;
-        let rule = &mut self.rules[pos].1;
-        let action = rule.action.clone();
-        if let Some(n) = rule.remaining.as_mut() {
-            *n -= 1;
-            if *n == 0 {
-                self.rules.remove(pos);
-            }
-        }
-        Some(action)
+        Some(self.consume(pos))
     }
 }
