@@ -30,9 +30,11 @@ pub struct InvalidHistoryId(pub String);
 impl FromStr for HistoryId {
     type Err = InvalidHistoryId;
 
-    /// Accepts only plain decimal digits: `u64::from_str` would also take a leading `+`.
+    /// Accepts only plain decimal digits: `u64::from_str` would also take a leading `+`. Any
+    /// number of leading zeros, as `u64` does (a length limit here refused "000…0" of 21
+    /// digits: found by fuzzing); the value, never the text, is written back.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(InvalidHistoryId(truncate(s)));
         }
         s.parse::<u64>()
@@ -121,5 +123,45 @@ mod tests {
             serde_json::to_string(&HistoryId(u64::MAX)).unwrap(),
             format!("\"{}\"", u64::MAX)
         );
+    }
+
+    // Fuzzing (issue 10): the parser every historyId passes through, from notifications, Gmail
+    // answers and Redis. The Lua scripts' comparison is fuzzed against `u64` in the integration
+    // tests (`store::fuzz_lua_history_id_comparison_agrees_with_u64`).
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn fuzz_from_str_takes_exactly_plain_u64_decimals(
+                s in prop_oneof!["[0-9]{0,22}", "[-+ 0-9a-f.eE]{0,24}", ".{0,24}"],
+            ) {
+                let plain = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                match (s.parse::<HistoryId>(), plain.then(|| s.parse::<u64>()).and_then(Result::ok)) {
+                    (Ok(h), Some(n)) => prop_assert_eq!(h.get(), n),
+                    (Err(_), None) => {}
+                    (got, want) => prop_assert!(false, "{s:?}: parsed {got:?}, u64 says {want:?}"),
+                }
+            }
+
+            #[test]
+            fn fuzz_every_u64_round_trips_as_text_and_json(n in any::<u64>()) {
+                let h = HistoryId(n);
+                prop_assert_eq!(h.to_string().parse::<HistoryId>(), Ok(h));
+                let as_string: HistoryId = serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+                let as_number: HistoryId = serde_json::from_str(&n.to_string()).unwrap();
+                prop_assert_eq!(as_string, h);
+                prop_assert_eq!(as_number, h);
+            }
+
+            /// Canonical decimal strings order like the numbers: the rule the Lua scripts use
+            /// (length first, then bytes).
+            #[test]
+            fn fuzz_canonical_text_orders_like_u64(a in any::<u64>(), b in any::<u64>()) {
+                let (x, y) = (HistoryId(a).to_string(), HistoryId(b).to_string());
+                prop_assert_eq!((x.len(), x.as_bytes()).cmp(&(y.len(), y.as_bytes())), a.cmp(&b));
+            }
+        }
     }
 }

@@ -148,7 +148,13 @@ impl Mailbox {
         if domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
             return Err(InvalidMailbox("malformed domain"));
         }
-        Ok(Mailbox(s.to_lowercase()))
+        // Checked again after lowercasing, which can lengthen it ('İ' is 2 bytes, "i̇" 3): the
+        // stored form is what keys and limits see (found by fuzzing).
+        let lower = s.to_lowercase();
+        if lower.len() > Self::MAX_LEN {
+            return Err(InvalidMailbox("longer than 254 bytes"));
+        }
+        Ok(Mailbox(lower))
     }
 
     pub fn as_str(&self) -> &str {
@@ -305,5 +311,31 @@ mod tests {
         let shown = format!("{:?}", MailboxLogStyle::Hash(key));
         assert!(!shown.contains("super"), "{shown}");
         assert!(!shown.contains("115"), "no byte values either: {shown}");
+    }
+
+    // Fuzzing (issue 10): every address from a notification or the CLI passes here, and the
+    // result is embedded in Redis keys (hash tags) and log lines.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn key_safe(c: char) -> bool {
+            !(c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | '"' | '\\'))
+        }
+
+        proptest! {
+            #[test]
+            fn fuzz_a_parsed_mailbox_is_canonical_and_key_safe(
+                raw in prop_oneof![".{0,300}", "[ -~İẞΣ]{0,120}@[a-zİ.]{0,140}", "[aİ]{100,127}@[a-z]{2,5}\\.com"],
+            ) {
+                if let Ok(m) = Mailbox::parse(&raw) {
+                    let s = m.as_str();
+                    prop_assert!(s.len() <= Mailbox::MAX_LEN, "{} bytes", s.len());
+                    prop_assert_eq!(s.matches('@').count(), 1);
+                    prop_assert!(s.chars().all(key_safe), "{s:?}");
+                    prop_assert_eq!(Mailbox::parse(s), Ok(m.clone()), "not idempotent");
+                }
+            }
+        }
     }
 }

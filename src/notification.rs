@@ -117,4 +117,98 @@ mod tests {
         let reason = e.unwrap_err().to_string();
         assert!(!reason.contains("alice"), "{reason}");
     }
+
+    // Fuzzing (issue 10): `decode` is the first code a hostile publisher's bytes reach.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Addresses as Gmail sends them: a local part, a dotted domain, any case.
+        fn address() -> impl Strategy<Value = String> {
+            (
+                "[A-Za-z0-9._%+-]{1,40}",
+                "[A-Za-z0-9-]{1,20}(\\.[A-Za-z0-9-]{1,10}){1,3}",
+            )
+                .prop_map(|(local, domain)| format!("{local}@{domain}"))
+        }
+
+        fn payload(email: &str, history_id: u64, as_number: bool) -> Vec<u8> {
+            let email = serde_json::to_string(email).unwrap();
+            if as_number {
+                format!(r#"{{"emailAddress":{email},"historyId":{history_id}}}"#)
+            } else {
+                format!(r#"{{"emailAddress":{email},"historyId":"{history_id}"}}"#)
+            }
+            .into_bytes()
+        }
+
+        proptest! {
+            #[test]
+            fn fuzz_decode_never_panics_on_bytes(data in proptest::collection::vec(any::<u8>(), 0..6000)) {
+                let result = decode(&data);
+                if data.len() > MAX_NOTIFICATION_BYTES {
+                    prop_assert_eq!(result, Err(Malformed::Oversize(data.len())));
+                }
+            }
+
+            #[test]
+            fn fuzz_well_formed_notifications_decode_exactly(
+                email in address(),
+                history_id in any::<u64>(),
+                as_number in any::<bool>(),
+            ) {
+                let n = decode(&payload(&email, history_id, as_number)).unwrap();
+                prop_assert_eq!(n.mailbox.as_str(), email.to_lowercase());
+                prop_assert_eq!(n.history_id, HistoryId(history_id));
+            }
+
+            /// One byte of a real notification changed, dropped or duplicated: never a panic,
+            /// and whatever still decodes names a valid mailbox.
+            #[test]
+            fn fuzz_mutated_notifications_never_panic(
+                email in address(),
+                history_id in any::<u64>(),
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+                edit in 0..3u8,
+            ) {
+                let mut data = payload(&email, history_id, false);
+                let i = at.index(data.len());
+                match edit {
+                    0 => data[i] = byte,
+                    1 => { data.remove(i); }
+                    _ => data.insert(i, byte),
+                }
+                if let Ok(n) = decode(&data) {
+                    prop_assert_eq!(&Mailbox::parse(n.mailbox.as_str()).unwrap(), &n.mailbox);
+                }
+            }
+
+            /// Any JSON object with the two keys holding any kind of value: a notification or
+            /// a reason, and a reason never echoes the address it was given.
+            #[test]
+            fn fuzz_reasons_never_echo_the_address(
+                email in address(),
+                history_id in prop_oneof![
+                    Just(serde_json::Value::Null),
+                    any::<bool>().prop_map(serde_json::Value::from),
+                    any::<i64>().prop_map(serde_json::Value::from),
+                    any::<f64>().prop_map(serde_json::Value::from),
+                    ".{0,30}".prop_map(serde_json::Value::from),
+                ],
+                email_kind in 0..4u8,
+            ) {
+                let email_value = match email_kind {
+                    0 => serde_json::Value::from(email.clone()),
+                    1 => serde_json::json!([email.clone()]),
+                    2 => serde_json::json!({ "x": email.clone() }),
+                    _ => serde_json::Value::from(format!("{email} {email}")),
+                };
+                let data = serde_json::json!({ "emailAddress": email_value, "historyId": history_id });
+                if let Err(reason) = decode(data.to_string().as_bytes()) {
+                    prop_assert!(!reason.to_string().contains(&email), "{}", reason);
+                }
+            }
+        }
+    }
 }

@@ -480,4 +480,122 @@ Retry-After: 7\r\n\
         assert!(body.ends_with(&format!("\r\n--{boundary}--\r\n")));
         assert_eq!(body.matches(&format!("--{boundary}\r\n")).count(), 2);
     }
+
+    // Fuzzing (issue 10): the hand-written multipart parser reads whatever a proxy or Gmail
+    // answers; it must never panic, and must read back every answer written as Gmail writes it.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        struct Written {
+            index: Option<usize>,
+            status: u16,
+            retry_after_s: Option<u64>,
+            body: String,
+        }
+
+        fn part() -> impl Strategy<Value = Written> {
+            (
+                proptest::option::of(0usize..100),
+                100u16..600,
+                proptest::option::of(0u64..100_000),
+                "[ -~\n]{0,120}",
+            )
+                .prop_map(|(index, status, retry_after_s, body)| Written {
+                    index,
+                    status,
+                    retry_after_s,
+                    body,
+                })
+        }
+
+        fn render(boundary: &str, parts: &[Written], line_end: &str, preamble: &str) -> String {
+            let mut out = String::from(preamble);
+            if !preamble.is_empty() {
+                out.push_str(line_end);
+            }
+            for p in parts {
+                out.push_str(&format!(
+                    "--{boundary}{line_end}Content-Type: application/http{line_end}"
+                ));
+                if let Some(k) = p.index {
+                    out.push_str(&format!("Content-ID: <response-item-{k}>{line_end}"));
+                }
+                out.push_str(&format!(
+                    "{line_end}HTTP/1.1 {} Whatever{line_end}",
+                    p.status
+                ));
+                out.push_str(&format!(
+                    "Content-Type: application/json; charset=UTF-8{line_end}"
+                ));
+                if let Some(s) = p.retry_after_s {
+                    out.push_str(&format!("Retry-After: {s}{line_end}"));
+                }
+                out.push_str(line_end);
+                out.push_str(&p.body.replace('\n', line_end));
+                out.push_str(line_end);
+            }
+            out.push_str(&format!("--{boundary}--{line_end}"));
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn fuzz_written_answers_read_back_exactly(
+                boundary in "[A-Za-z0-9_'()+,./:=?-]{1,40}",
+                parts in proptest::collection::vec(part(), 0..8),
+                crlf in any::<bool>(),
+                quoted in any::<bool>(),
+                preamble in "[ -~]{0,40}",
+            ) {
+                let delimiter = format!("\n--{boundary}");
+                prop_assume!(parts.iter().all(|p| !format!("\n{}", p.body).contains(&delimiter)));
+                prop_assume!(!format!("\n{preamble}").contains(&delimiter));
+                let content_type = if quoted {
+                    format!("multipart/mixed; boundary=\"{boundary}\"")
+                } else {
+                    format!("multipart/mixed; boundary={boundary}")
+                };
+                let text = render(&boundary, &parts, if crlf { "\r\n" } else { "\n" }, &preamble);
+                let read = parse_response(&content_type, text.as_bytes()).unwrap();
+                prop_assert_eq!(read.len(), parts.len());
+                for (r, w) in read.iter().zip(&parts) {
+                    prop_assert_eq!(r.index, w.index);
+                    prop_assert_eq!(r.status, w.status);
+                    prop_assert_eq!(r.retry_after, w.retry_after_s.map(Duration::from_secs));
+                    prop_assert_eq!(&r.body, &w.body);
+                }
+            }
+
+            #[test]
+            fn fuzz_any_answer_is_parsed_or_refused_never_a_panic(
+                content_type in prop_oneof![
+                    ".{0,60}",
+                    "multipart/[a-z]{0,8}; *boundary=\"?[ -~]{0,12}\"?(; *[a-z]{1,6}=[ -~]{0,8})?",
+                ],
+                body in proptest::collection::vec(any::<u8>(), 0..2000),
+            ) {
+                let _ = parse_response(&content_type, &body);
+            }
+
+            /// A real answer cut, spliced or with a byte changed: parsed or refused.
+            #[test]
+            fn fuzz_damaged_gmail_answers_never_panic(
+                at in any::<prop::sample::Index>(),
+                len in 0usize..64,
+                byte in any::<u8>(),
+                edit in 0..3u8,
+            ) {
+                let mut data = GMAIL_ANSWER.as_bytes().to_vec();
+                let i = at.index(data.len());
+                match edit {
+                    0 => data.truncate(i),
+                    1 => { data.drain(i..(i + len).min(data.len())); }
+                    _ => data[i] = byte,
+                }
+                let _ = parse_response(GMAIL_CONTENT_TYPE, &data);
+            }
+        }
+    }
 }

@@ -626,4 +626,63 @@ mod tests {
         let e = classify(StatusCode::TOO_MANY_REQUESTS, "", &msg, None).unwrap();
         assert!(e.retry_after().is_some());
     }
+
+    // Fuzzing (issue 10): error answers decide retry versus give up; whatever the status,
+    // reason, message or Retry-After, the decision is made without a panic, and a rate limit
+    // or a 5xx is always retryable.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn fuzz_every_error_answer_gets_a_decision(
+                status in 100u16..1000,
+                reason in prop_oneof![
+                    Just("rateLimitExceeded".to_string()),
+                    Just("userRateLimitExceeded".to_string()),
+                    Just("failedPrecondition".to_string()),
+                    ".{0,30}",
+                ],
+                message in prop_oneof![
+                    ".{0,80}",
+                    "Retry after [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?Z[.,]?",
+                    "Retry after .{0,40}",
+                ],
+                header in proptest::option::of(prop_oneof![
+                    "[0-9]{1,25}",
+                    ".{0,40}",
+                    "(Mon|Tue|Sun), [0-9]{2} (Jan|Dec) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT",
+                ]),
+            ) {
+                let header = header.as_deref().and_then(parse_retry_after_header);
+                let status = StatusCode::from_u16(status).unwrap();
+                match classify(status, &reason, &message, header) {
+                    None => prop_assert_eq!(status.as_u16(), 401),
+                    Some(e) => {
+                        let s = status.as_u16();
+                        if s == 429 || s == 408 || (500..600).contains(&s) {
+                            prop_assert!(e.is_retryable(), "{s} {reason}: {e:?}");
+                        }
+                        if let Some(after) = e.retry_after() {
+                            prop_assert!(crate::retry::gmail_call(1, Some(after)) <= Duration::from_secs(300));
+                        }
+                        let _ = e.cause();
+                    }
+                }
+            }
+
+            /// "Retry after <RFC 3339>" in the future is read back to within a second.
+            #[test]
+            fn fuzz_retry_after_in_the_message_is_read(secs in 2u64..86_400, millis in 0u32..1000) {
+                let at = time::OffsetDateTime::now_utc()
+                    + time::Duration::seconds(secs as i64)
+                    + time::Duration::milliseconds(i64::from(millis));
+                let stamp = at.format(&time::format_description::well_known::Rfc3339).unwrap();
+                let read = retry_after_in_message(&format!("Retry after {stamp}.")).unwrap();
+                let want = Duration::from_secs(secs) + Duration::from_millis(u64::from(millis));
+                prop_assert!(read <= want && want - read < Duration::from_secs(1), "{read:?} vs {want:?}");
+            }
+        }
+    }
 }

@@ -251,3 +251,70 @@ fn testbed_key_names_match_the_product_key_layout() {
         }
     }
 }
+
+/// Fuzzing (issue 10): the scripts compare historyIds as canonical decimal strings (Lua numbers
+/// are doubles); every script's `gt` must agree with `u64`'s `>` on every pair, above 2^53
+/// and at the digit-count boundaries above all. Each script's own `gt` text is evaluated in a
+/// real Redis on a batch of generated pairs.
+#[test]
+fn fuzz_lua_history_id_comparison_agrees_with_u64() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    let scripts = [
+        ("begin.lua", include_str!("../../src/store/begin.lua")),
+        ("commit.lua", include_str!("../../src/store/commit.lua")),
+    ];
+    // Values where doubles, digit counts or the byte comparison could go wrong.
+    let near =
+        |centre: u64| (0u64..2000).prop_map(move |d| centre.wrapping_add(d).wrapping_sub(1000));
+    let edgy = prop_oneof![
+        any::<u64>(),
+        near(1 << 53),
+        near(u64::MAX),
+        (1u32..20).prop_flat_map(|digits| near(10u64.pow(digits))),
+        0u64..1000,
+    ];
+    let pairs = proptest::collection::vec((edgy.clone(), edgy), 1..400);
+    let cases: usize = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(256)
+        .div_ceil(16);
+    let server = gmail_sync_testbed::redis_server::RedisServer::start().unwrap();
+    let mut con = server.client().unwrap().get_connection().unwrap();
+    let mut runner = TestRunner::deterministic();
+    for (name, source) in scripts {
+        let gt = lua_function(source, "gt").unwrap_or_else(|| panic!("{name} has no gt"));
+        let batch = format!(
+            "{gt}\nlocal out = {{}}\nfor i = 1, #ARGV, 2 do out[#out + 1] = gt(ARGV[i], ARGV[i + 1]) and 1 or 0 end\nreturn out"
+        );
+        for _ in 0..cases {
+            let pairs = pairs.new_tree(&mut runner).unwrap().current();
+            let argv: Vec<String> = pairs
+                .iter()
+                .flat_map(|(a, b)| [a.to_string(), b.to_string()])
+                .collect();
+            let answers: Vec<i64> = redis::cmd("EVAL")
+                .arg(&batch)
+                .arg(0)
+                .arg(&argv)
+                .query(&mut con)
+                .unwrap();
+            for ((a, b), lua) in pairs.iter().zip(answers) {
+                assert_eq!(lua == 1, a > b, "{name}: gt({a}, {b}) answered {lua}");
+            }
+        }
+    }
+    server.stop();
+}
+
+/// The text of `local function NAME(...) ... end` in a script (its first line with `end` at
+/// the start of a line closes it).
+fn lua_function(source: &str, name: &str) -> Option<String> {
+    let start = source.find(&format!("local function {name}("))?;
+    let rest = &source[start..];
+    let end = rest.find("\nend")? + "\nend".len();
+    Some(rest[..end].to_string())
+}
