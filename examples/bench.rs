@@ -33,11 +33,18 @@
 //! notification (how often they slept and were woken; threads that exited are not counted).
 //! `BENCH_WORKER_THREADS=N` runs the worker on a multi-threaded runtime of N workers instead of
 //! gmail-sync's own (to compare runtime shapes).
+//!
+//! `BENCH_OTLP=1` starts a loopback OTLP/HTTP receiver in the driver (`testbed::otlp`, a
+//! collector's stand-in) and points the worker's metrics export at it
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT`), exporting every `BENCH_OTLP_INTERVAL_MS` (1000; the
+//! default of a deployment is 60 s, so this is 60 times the export work); run it with and
+//! without to compare CPU and RSS. Each phase then also prints what the receiver got.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use gmail_sync_testbed::gmail::{Endpoint, SimConfig};
+use gmail_sync_testbed::otlp::OtlpReceiver;
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
 use support::{Bed, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
@@ -164,13 +171,33 @@ async fn bench() -> anyhow::Result<()> {
         ..SimConfig::default()
     };
     let mut bed = Bed::start("bench", sim).await?;
+    let otlp_interval_ms: u64 = env_or("BENCH_OTLP_INTERVAL_MS", 1000);
+    let receiver = match env_or("BENCH_OTLP", 0u8) {
+        1 => Some(OtlpReceiver::start().await?),
+        _ => None,
+    };
+    let otlp_env: Vec<(String, String)> = match &receiver {
+        Some(r) => vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), r.endpoint()),
+            (
+                "OTEL_METRIC_EXPORT_INTERVAL".into(),
+                otlp_interval_ms.to_string(),
+            ),
+        ],
+        None => Vec::new(),
+    };
     let emails: Vec<String> = (0..most_mailboxes)
         .map(|i| format!("b{i:05}@bench.example"))
         .collect();
     println!(
         "gmail-sync benchmark: {seconds} s per phase; steady and bursts: {env_mailboxes} mailboxes, \
-         {env_rate} notifications/s offered; lagged: history {} ms behind; enrichment {enrichment}",
-        history_lag.as_millis()
+         {env_rate} notifications/s offered; lagged: history {} ms behind; enrichment {enrichment}; \
+         metrics export {}",
+        history_lag.as_millis(),
+        match &receiver {
+            Some(_) => format!("on (OTLP/HTTP to a loopback receiver every {otlp_interval_ms} ms)"),
+            None => "off".to_string(),
+        }
     );
     println!();
     println!(
@@ -201,12 +228,12 @@ async fn bench() -> anyhow::Result<()> {
             Lag::None => Duration::ZERO,
             Lag::FromEnv => history_lag,
         });
-        let worker = bed
-            .spawn_worker(
-                phase.name,
-                &[("GMAIL_SYNC_ENRICHMENT", enrichment.as_str())],
-            )
-            .await?;
+        let mut worker_env = vec![("GMAIL_SYNC_ENRICHMENT", enrichment.as_str())];
+        worker_env.extend(otlp_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let worker = bed.spawn_worker(phase.name, &worker_env).await?;
+        let exports_before = receiver
+            .as_ref()
+            .map_or((0, 0), |r| (r.requests(), r.bytes()));
         wait_caught_up(&bed).await?;
         let ledger_before = bed.sim.ledger();
         let calls_before = ledger_before.calls().len();
@@ -262,6 +289,17 @@ async fn bench() -> anyhow::Result<()> {
             rss_kib as f64 / 1024.0,
             switches as f64 / received.max(1.0),
         );
+        if let Some(r) = &receiver {
+            println!(
+                "  OTLP: {} exports, {:.1} KiB of protobuf; last changes.written {} (the worker \
+                 counted {})",
+                r.requests() - exports_before.0,
+                (r.bytes() - exports_before.1) as f64 / 1024.0,
+                r.value("gmail_sync.changes.written", &[])
+                    .unwrap_or(f64::NAN),
+                summary["changes_written"].as_u64().unwrap_or(0),
+            );
+        }
         if code != Some(0) {
             println!(
                 "  (worker exit code {code:?}; log: {})",

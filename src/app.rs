@@ -5,7 +5,7 @@
 
 use crate::auth::refresh::{LookupFuture, StoredRefreshTokens};
 use crate::auth::{AuthError, Credentials};
-use crate::config::Config;
+use crate::config::{Config, MetricsExport};
 use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
 use crate::health::{self, Health, PubSubLink};
@@ -15,6 +15,7 @@ use crate::store::Store;
 use crate::supervisor::{StopCause, Supervisor, TaskEnd, Tier};
 use crate::sync::Syncer;
 use crate::telemetry::Counters;
+use crate::telemetry::otlp::OtlpExport;
 use crate::vault::{Vault, VaultError};
 use anyhow::Context;
 use std::sync::Arc;
@@ -28,8 +29,13 @@ pub(crate) const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
 /// Slack on top of the consumer's own drain bound (shutdown timeout + stream flush) before the
 /// supervisor stops waiting for the workers: their last log lines and lease releases.
 const WORKER_DRAIN_SLACK: Duration = Duration::from_secs(5);
-/// How long background tasks (health, summary) get to stop: they only leave a select.
+/// How long background tasks (health, summary, metrics) get to stop: they leave a select, and
+/// the metrics export makes its last export within `otlp::FINAL_EXPORT_TIMEOUT` (less).
 const BACKGROUND_DRAIN: Duration = Duration::from_secs(5);
+const _: () = assert!(
+    crate::telemetry::otlp::FINAL_EXPORT_TIMEOUT.as_millis() < BACKGROUND_DRAIN.as_millis(),
+    "the last metrics export must end within the background drain"
+);
 
 /// Why `run` returned with an error; the exit code says which (README, "Exit codes").
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +102,20 @@ pub async fn run(
     let stream = subscription::open(&config.pubsub, &subscription, &config.consumer)
         .await
         .map_err(|e| AppError::Startup(e.into()))?;
+    let metrics = match &config.metrics.export {
+        MetricsExport::Otlp(otlp) => Some(
+            OtlpExport::start(&config.metrics, otlp, &counters)
+                .map_err(|e| AppError::Startup(e.into()))?,
+        ),
+        MetricsExport::Off(_) => None,
+    };
     tracing::info!(
         subscription = %subscription,
         redis = %config.redis.describe(),
         gmail_api = %config.gmail.api_url,
         max_concurrent_syncs = config.consumer.max_concurrent_syncs,
         max_outstanding_bytes = config.consumer.max_outstanding_bytes,
+        metrics = %config.metrics.describe(),
         quarantine_cap_bytes =
             crate::store::quarantine::quarantine_memory_cap(config.store.quarantine_maxlen),
         "gmail-sync worker started"
@@ -167,6 +181,14 @@ pub async fn run(
         let counters = counters.clone();
         supervisor.spawn("summary", Tier::Background, move |stop| async move {
             crate::telemetry::log_summaries(counters, every, stop).await;
+            Ok(())
+        });
+    }
+    if let Some(export) = metrics {
+        // Background: its last export (bounded by otlp::FINAL_EXPORT_TIMEOUT, inside
+        // BACKGROUND_DRAIN) runs after the workers drained, with their final counts.
+        supervisor.spawn("metrics", Tier::Background, move |stop| async move {
+            export.run(stop).await;
             Ok(())
         });
     }

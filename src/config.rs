@@ -7,6 +7,13 @@
 //! example. That definition is what [`Config::from_lookup`] parses with, what [`variables`]
 //! lists, what `--help` prints and what the test of README.md's table compares with.
 
+mod metrics;
+
+pub use metrics::{
+    ExportOff, MetricTemporality, MetricsExport, MetricsSettings, OtlpHeaders, OtlpSettings,
+    shown_url,
+};
+
 use crate::mailbox::{LogHashKey, Mailbox, MailboxLogStyle};
 use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Command, FromArgMatches};
@@ -519,6 +526,133 @@ struct Environment {
     )]
     summary_interval: Duration,
 
+    /// `true` turns the metrics export off whatever else is set (`true` or `false`)
+    ///
+    /// e.g. true
+    #[arg(
+        long,
+        env = "OTEL_SDK_DISABLED",
+        default_value = "false",
+        action = clap::ArgAction::Set,
+        value_parser = metrics::boolean
+    )]
+    otel_sdk_disabled: bool,
+
+    /// OTLP/HTTP collector base URL; metrics are pushed to it + /v1/metrics; unset (with
+    /// OTEL_EXPORTER_OTLP_METRICS_ENDPOINT unset too) = metrics are not exported
+    ///
+    /// e.g. http://otel-collector.monitoring:4318
+    // Secret like the Redis URL: a URL may carry a password or an API key in its query
+    // (`check-config` shows it without them).
+    #[arg(long, env = metrics::ENDPOINT, hide_env_values = true, value_parser = metrics::endpoint)]
+    otlp_endpoint: Option<String>,
+
+    /// Full URL metrics are pushed to, used as given; wins over OTEL_EXPORTER_OTLP_ENDPOINT
+    ///
+    /// e.g. http://otel-collector.monitoring:4318/v1/metrics
+    #[arg(
+        long,
+        env = metrics::METRICS_ENDPOINT,
+        hide_env_values = true,
+        value_parser = metrics::endpoint
+    )]
+    otlp_metrics_endpoint: Option<String>,
+
+    /// OTLP transport: only `http/protobuf` is built in (for gRPC collectors use their OTLP/HTTP
+    /// port, 4318)
+    ///
+    /// e.g. http/protobuf
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default_value = "http/protobuf",
+        value_parser = metrics::protocol
+    )]
+    otlp_protocol: metrics::HttpProtobuf,
+
+    /// OTLP transport of metrics; wins over OTEL_EXPORTER_OTLP_PROTOCOL (only `http/protobuf`)
+    ///
+    /// e.g. http/protobuf
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", value_parser = metrics::protocol)]
+    otlp_metrics_protocol: Option<metrics::HttpProtobuf>,
+
+    /// Headers of every OTLP request, `name=value` pairs separated by commas, values
+    /// URL-encoded (API keys: kept secret)
+    ///
+    /// e.g. x-api-key=abc123
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS", hide_env_values = true, value_parser = metrics::headers)]
+    otlp_headers: Option<metrics::OtlpHeaders>,
+
+    /// Headers of every metrics request; replace OTEL_EXPORTER_OTLP_HEADERS
+    ///
+    /// e.g. x-api-key=abc123
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+        hide_env_values = true,
+        value_parser = metrics::headers
+    )]
+    otlp_metrics_headers: Option<metrics::OtlpHeaders>,
+
+    /// Bound of one OTLP export, the exporter's retries included, in milliseconds (1-600000)
+    ///
+    /// e.g. 5000
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TIMEOUT",
+        default_value = "10000",
+        value_parser = milliseconds(1, 600_000)
+    )]
+    otlp_timeout: Duration,
+
+    /// Bound of one metrics export, in milliseconds (1-600000); wins over OTEL_EXPORTER_OTLP_TIMEOUT
+    ///
+    /// e.g. 5000
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", value_parser = milliseconds(1, 600_000))]
+    otlp_metrics_timeout: Option<Duration>,
+
+    /// Interval between two metrics exports, in milliseconds (100-3600000)
+    ///
+    /// e.g. 15000
+    #[arg(
+        long,
+        env = "OTEL_METRIC_EXPORT_INTERVAL",
+        default_value = "60000",
+        value_parser = milliseconds(100, 3_600_000)
+    )]
+    metric_export_interval: Duration,
+
+    /// Aggregation temporality of exported metrics: `cumulative`, `delta` or `lowmemory`
+    ///
+    /// e.g. delta
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+        default_value = "cumulative",
+        value_parser = metrics::temporality
+    )]
+    otlp_metrics_temporality: metrics::MetricTemporality,
+
+    /// Resource attributes of the metrics, `key=value` pairs separated by commas, values
+    /// URL-encoded
+    ///
+    /// e.g. deployment.environment.name=prod,k8s.namespace.name=gmail-sync-prod
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_parser = metrics::resource_attributes)]
+    otel_resource_attributes: Option<metrics::ResourceAttributes>,
+
+    /// `service.name` of the metrics; unset = the one in OTEL_RESOURCE_ATTRIBUTES, else gmail-sync
+    ///
+    /// e.g. gmail-sync-eu
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    otel_service_name: Option<String>,
+
+    /// `k8s.pod.name` of the metrics (set it from the downward API's metadata.name); unset = the
+    /// host name, which Kubernetes sets to the pod's name
+    ///
+    /// e.g. gmail-sync-7d9f8b6c5-x2kqz
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+
     /// How mailboxes appear in logs: `hash` (64-bit HMAC-SHA256 keyed with
     /// GMAIL_SYNC_LOG_HASH_KEY_FILE) or `plain`
     ///
@@ -725,6 +859,8 @@ pub struct Config {
     pub scheduler: SchedulerSettings,
     pub token_keys: TokenKeySettings,
     pub summary_interval: Option<Duration>,
+    /// Metrics over OTLP (the `OTEL_*` variables, `config::metrics`).
+    pub metrics: MetricsSettings,
     pub log_mailbox: MailboxLogStyle,
     pub health_dir: std::path::PathBuf,
 }
@@ -1093,6 +1229,21 @@ impl Environment {
             scheduler_tick,
             watch_warn_horizon,
             summary_interval,
+            otel_sdk_disabled,
+            otlp_endpoint,
+            otlp_metrics_endpoint,
+            // Checked by their value parser: `http/protobuf` is all there is.
+            otlp_protocol: _,
+            otlp_metrics_protocol: _,
+            otlp_headers,
+            otlp_metrics_headers,
+            otlp_timeout,
+            otlp_metrics_timeout,
+            metric_export_interval,
+            otlp_metrics_temporality,
+            otel_resource_attributes,
+            otel_service_name,
+            pod_name,
             log_mailbox,
             log_hash_key_file,
             health_dir,
@@ -1246,6 +1397,20 @@ impl Environment {
                 previous_file: token_key_previous_file,
             },
             summary_interval: (!summary_interval.is_zero()).then_some(summary_interval),
+            metrics: metrics::settings(metrics::MetricsVariables {
+                sdk_disabled: otel_sdk_disabled,
+                endpoint: otlp_endpoint,
+                metrics_endpoint: otlp_metrics_endpoint,
+                headers: otlp_headers,
+                metrics_headers: otlp_metrics_headers,
+                timeout: otlp_timeout,
+                metrics_timeout: otlp_metrics_timeout,
+                interval: metric_export_interval,
+                temporality: otlp_metrics_temporality,
+                resource_attributes: otel_resource_attributes,
+                service_name: otel_service_name,
+                pod_name,
+            })?,
             log_mailbox,
             health_dir,
         })

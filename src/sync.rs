@@ -213,6 +213,7 @@ impl Syncer {
         cancel: &CancellationToken,
     ) -> SyncOutcome {
         let lease = Lease::new(self.settings.mailbox_lease);
+        let started = std::time::Instant::now();
         let cursor = match self.store.begin(mailbox, target, &lease).await {
             Err(e) => return SyncOutcome::Failed(e.into()),
             Ok(Begin::Unknown) => return SyncOutcome::Unknown,
@@ -243,7 +244,7 @@ impl Syncer {
             .await;
         match result {
             Ok(progress) => {
-                Counters::inc(&self.counters.syncs);
+                self.counters.sync_committed(started.elapsed());
                 self.guard.succeeded(mailbox);
                 span.in_scope(|| {
                     tracing::debug!(

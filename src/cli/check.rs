@@ -4,7 +4,7 @@
 //! chosen credential mode. Exit 0 if all pass, 2 if any fails (each failure says what to fix).
 
 use crate::app::{STARTUP_DEADLINE, check_credentials, connect_store, credentials};
-use crate::config::{Config, variables};
+use crate::config::{Config, MetricsExport, variables};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -23,9 +23,48 @@ struct Check {
     detail: String,
 }
 
+/// The effective metrics setup (`config::MetricsSettings`), never a header value.
+#[derive(Serialize)]
+struct Metrics {
+    /// One line: where metrics go, or why they do not.
+    summary: String,
+    /// The URL metrics are pushed to, without credentials; `None`: not exported.
+    endpoint: Option<String>,
+    protocol: Option<&'static str>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    temporality: Option<String>,
+    /// The names of the headers sent (their values are secrets).
+    headers: Vec<String>,
+    /// The resource attributes asked for, in order (a later one wins); `telemetry.sdk.*`,
+    /// `service.version` and `k8s.pod.name` are added at startup.
+    resource: Vec<(String, String)>,
+}
+
+fn metrics(config: &Config) -> Metrics {
+    let m = &config.metrics;
+    let otlp = match &m.export {
+        MetricsExport::Otlp(otlp) => Some(otlp),
+        MetricsExport::Off(_) => None,
+    };
+    Metrics {
+        summary: m.describe(),
+        endpoint: otlp.map(|o| o.shown_endpoint()),
+        protocol: otlp.map(|_| "http/protobuf"),
+        interval_ms: otlp.map(|o| o.interval.as_millis() as u64),
+        timeout_ms: otlp.map(|o| o.timeout.as_millis() as u64),
+        temporality: otlp.map(|o| format!("{:?}", o.temporality).to_lowercase()),
+        headers: otlp
+            .map(|o| o.headers.0.iter().map(|(name, _)| name.clone()).collect())
+            .unwrap_or_default(),
+        resource: m.resource.clone(),
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     credentials: String,
+    metrics: Metrics,
     settings: Vec<Setting>,
     checks: Vec<Check>,
 }
@@ -48,6 +87,13 @@ fn settings(config: &Config, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Set
                         || v.name == "GMAIL_SYNC_REDIS_CLUSTER_NODES" =>
                 {
                     Some(config.redis.describe())
+                }
+                // So may a collector's URL (a password, an API key in the query).
+                Some(url)
+                    if v.name == "OTEL_EXPORTER_OTLP_ENDPOINT"
+                        || v.name == "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" =>
+                {
+                    Some(crate::config::shown_url(&url))
                 }
                 Some(_) if v.secret => Some("[redacted]".to_string()),
                 other => other,
@@ -140,6 +186,7 @@ pub(crate) async fn execute(config: &Config, json: bool) -> i32 {
     let lookup = |name: &str| std::env::var(name).ok();
     let report = Report {
         credentials: config.auth.describe(),
+        metrics: metrics(config),
         settings: settings(config, &lookup),
         checks: checks(config).await,
     };
@@ -151,6 +198,7 @@ pub(crate) async fn execute(config: &Config, json: bool) -> i32 {
         );
     } else {
         println!("Gmail credentials: {}", report.credentials);
+        println!("Metrics: {}", report.metrics.summary);
         println!("Settings:");
         for s in &report.settings {
             println!(

@@ -280,6 +280,10 @@ impl<S: SyncRunner, Q: QuarantineSink> Consumer<S, Q> {
                 .and_then(|p| now.duration_since(p).ok())
             {
                 self.counters.ack_latency.record(latency);
+                // The report of the commit covering it just arrived: its ack is that commit.
+                if reason == AckReason::Synced {
+                    self.counters.committed_after(latency);
+                }
             }
             self.counters.handling_latency.record(w.received.elapsed());
             w.delivery.ack.ack();

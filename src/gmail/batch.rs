@@ -21,7 +21,7 @@ use super::wire::{self, ErrorBody};
 use super::{Attempt, GmailClient, GmailError, Method, REQUESTS_IN_TASK, classify};
 use crate::auth::AccessToken;
 use crate::mailbox::Mailbox;
-use crate::telemetry::Counters;
+use crate::telemetry::{Counters, StatusClass};
 use rand::Rng;
 use reqwest::StatusCode;
 use std::time::Duration;
@@ -150,6 +150,17 @@ impl GmailClient {
             &self.counters.gmail_quota_units,
             n * self.quota_units(Method::MessagesGet),
         );
+        self.counters.gmail.spent(
+            Method::MessagesGet,
+            n * self.quota_units(Method::MessagesGet),
+        );
+        // Every part is counted once by the class of its own answer, or of the batch's when the
+        // batch itself failed (`none`: no answer at all).
+        let answered = |class: StatusClass, parts: u64| {
+            self.counters
+                .gmail
+                .answered(Method::MessagesGet, class, parts)
+        };
         let _ = REQUESTS_IN_TASK.try_with(|c| c.set(c.get() + n as u32));
         let boundary = fresh_boundary(targets);
         let response = self
@@ -163,6 +174,7 @@ impl GmailClient {
             .body(request_body(&boundary, targets))
             .send()
             .await
+            .inspect_err(|_| answered(StatusClass::NoAnswer, n))
             .map_err(|e| self.transient(format!("batch: {}", e.without_url())))?;
         let status = response.status();
         let content_type = response
@@ -179,11 +191,14 @@ impl GmailClient {
         let body = response
             .bytes()
             .await
+            .inspect_err(|_| answered(StatusClass::of(status.as_u16()), n))
             .map_err(|e| self.transient(format!("reading batch body: {}", e.without_url())))?;
         if !status.is_success() {
+            answered(StatusClass::of(status.as_u16()), n);
             return Err(self.failed_answer(status, header_retry_after, &body));
         }
         let parts = parse_response(&content_type, &body)
+            .inspect_err(|_| answered(StatusClass::NoAnswer, n))
             .map_err(|e| self.transient(format!("undecodable batch response: {e}")))?;
         let mut answers: Vec<Option<ResponsePart>> = (0..targets.len()).map(|_| None).collect();
         for part in parts {
@@ -194,8 +209,14 @@ impl GmailClient {
         Ok(answers
             .into_iter()
             .map(|part| match part {
-                None => Err(self.transient("batch response lacks a part".into())),
-                Some(p) => self.part_outcome(p),
+                None => {
+                    answered(StatusClass::NoAnswer, 1);
+                    Err(self.transient("batch response lacks a part".into()))
+                }
+                Some(p) => {
+                    answered(StatusClass::of(p.status), 1);
+                    self.part_outcome(p)
+                }
             })
             .collect())
     }

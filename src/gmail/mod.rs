@@ -22,7 +22,7 @@ use crate::auth::{AccessToken, AuthError, TokenSource};
 use crate::config::GmailSettings;
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
-use crate::telemetry::Counters;
+use crate::telemetry::{Counters, StatusClass};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -434,6 +434,7 @@ impl GmailClient {
     ) -> Result<T, Attempt> {
         Counters::inc(&self.counters.gmail_calls);
         Counters::add(&self.counters.gmail_quota_units, self.quota_units(method));
+        self.counters.gmail.spent(method, self.quota_units(method));
         let _ = REQUESTS_IN_TASK.try_with(|n| n.set(n.get() + 1));
         let response = build(&self.http)
             .header(reqwest::header::AUTHORIZATION, token.bearer_value())
@@ -443,6 +444,9 @@ impl GmailClient {
             Ok(r) => r,
             Err(e) => {
                 Counters::inc(&self.counters.gmail_transient_errors);
+                self.counters
+                    .gmail
+                    .answered(method, StatusClass::NoAnswer, 1);
                 // reqwest errors name the URL (mailbox address, no token): fine to keep.
                 return Err(Attempt::Failed(GmailError::Transient {
                     detail: e.without_url().to_string(),
@@ -451,6 +455,9 @@ impl GmailClient {
             }
         };
         let status = response.status();
+        self.counters
+            .gmail
+            .answered(method, StatusClass::of(status.as_u16()), 1);
         if status.is_success() {
             let bytes = response.bytes().await.map_err(|e| {
                 Attempt::Failed(GmailError::Transient {

@@ -290,7 +290,8 @@ impl Scheduler {
         Ok(watch)
     }
 
-    /// Logs (and counts) watches that expire within the warn horizon while their renewal fails.
+    /// Logs (and counts) watches that expire within the warn horizon while their renewal fails,
+    /// and counts the mailboxes needing attention.
     async fn check_expiring(&self) {
         let horizon = now_ms() + self.policy.settings().warn_horizon.as_millis() as u64;
         match self.store.expiring(horizon).await {
@@ -311,6 +312,11 @@ impl Scheduler {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not check for expiring watches"),
+        }
+        // The attention gauge, on the same period: one ZCOUNT per shard.
+        match self.store.attention_count().await {
+            Ok(n) => self.counters.mailboxes_attention.store(n, Relaxed),
+            Err(e) => tracing::warn!(error = %e, "could not count the mailboxes needing attention"),
         }
     }
 }

@@ -558,6 +558,25 @@ impl Store {
         }
         Ok((count, soonest))
     }
+
+    /// Registered mailboxes needing attention, in all shards: a parked mailbox's schedule
+    /// score is `+inf` (`attention.lua`, `claim.lua`, `finish.lua`), and only a parked one's, so
+    /// this is one `ZCOUNT` per shard.
+    pub async fn attention_count(&self) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for shard in 0..self.keys.shards() {
+            let n: u64 = self
+                .conn
+                .retrying(|mut c| {
+                    let mut cmd = redis::cmd("ZCOUNT");
+                    cmd.arg(self.keys.schedule(shard)).arg("+inf").arg("+inf");
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            count += n;
+        }
+        Ok(count)
+    }
 }
 
 /// ZSCAN's COUNT hint for `mailbox list` (a batch may be larger on small zsets).

@@ -6,7 +6,8 @@
 //! `gmail_errors`, `enrichment` (message metadata), `shutdown`, `redis_faults`, `cluster`,
 //! `redis_tls` (TLS and logins); the commit script directly: `store`; the real binary as
 //! processes: `processes`, and its health probes: `health`; refresh tokens sealed at rest and key
-//! rotation: `vault`; real Gmail credentials: `credentials`.
+//! rotation: `vault`; real Gmail credentials: `credentials`; metrics over OTLP to a loopback
+//! receiver: `metrics`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -19,6 +20,7 @@ mod gmail_errors;
 mod harness;
 mod health;
 mod lifecycle;
+mod metrics;
 mod processes;
 mod redis_faults;
 mod redis_tls;

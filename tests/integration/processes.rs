@@ -11,7 +11,7 @@ const EXIT: Duration = Duration::from_secs(30);
 
 /// The process's sockets in LISTEN state (TCP and UDP-bound, v4 and v6), from /proc: the
 /// inodes of its socket fds matched against the kernel's socket tables.
-fn listening_sockets(pid: u32) -> Vec<String> {
+pub(crate) fn listening_sockets(pid: u32) -> Vec<String> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())

@@ -7,6 +7,7 @@
 //! - [`pubsub`]: Google's Pub/Sub emulator, unique topics and subscriptions per test.
 //! - [`gmail`]: the Gmail API simulator with its ledger (the oracle for every invariant test).
 //! - [`check`]: compares gmail-sync's change streams with the ledger.
+//! - [`otlp`]: a loopback OTLP/HTTP metrics receiver (a collector's stand-in).
 //! - [`bed`]: the façade over all of them that gmail-sync's integration tests and examples
 //!   share (`Testbed`: environment, worker processes and their ready files, change streams,
 //!   ledger check, catch-up wait).
@@ -15,6 +16,7 @@ pub mod bed;
 pub mod check;
 pub mod gmail;
 pub mod keys;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod pubsub;

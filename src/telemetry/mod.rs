@@ -1,11 +1,21 @@
-//! Logs and counters. No port: everything leaves the process as JSON lines on stdout.
+//! Logs and counters. No port: everything leaves the process as JSON lines on stdout, and, when
+//! an OTLP endpoint is configured, as metrics pushed to it (`otlp`).
 //!
 //! Log lines carry the field names Cloud Logging reads (`severity`, `message`, `time`) plus the
 //! event's fields and the fields of every enclosing span (so the per-sync span's mailbox and
 //! historyIds appear on each line logged inside it).
+//!
+//! The hot path only touches atomics ([`Counters`]): the OTLP export reads them at collection
+//! time through observable instruments, so counting costs the same with the export on or off.
+//! The two histograms the export needs (sync duration, publish → commit) are SDK instruments,
+//! recorded only while an export is attached ([`Counters::attach`]).
 
+pub(crate) mod otlp;
+
+use crate::gmail::Method;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tracing::{Event, Level, Subscriber};
@@ -121,6 +131,10 @@ macro_rules! counters {
             pub ack_latency: LatencyHistogram,
             /// Receive → ack latency: the part of the above spent in this worker.
             pub handling_latency: LatencyHistogram,
+            /// Gmail requests by method and answer, quota units by method.
+            pub gmail: GmailCounters,
+            /// The SDK histograms of an OTLP export, once one is attached.
+            recorders: OnceLock<otlp::Recorders>,
         }
 
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -195,6 +209,9 @@ counters! {
     watches_expiring_soon,
     /// Gauge: the soonest of those expirations (epoch ms; 0 = none).
     soonest_watch_expiry_ms,
+    /// Gauge: registered mailboxes needing attention, in all shards (read by the scheduler
+    /// with the expiring watches).
+    mailboxes_attention,
 }
 
 impl Counters {
@@ -203,6 +220,168 @@ impl Counters {
     }
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// A sync committed after `took` (begin to its last commit).
+    pub fn sync_committed(&self, took: Duration) {
+        Counters::inc(&self.syncs);
+        if let Some(r) = self.recorders.get() {
+            r.sync_duration.record(took.as_secs_f64(), &[]);
+        }
+    }
+
+    /// A notification acked because a commit of this process covered it, `latency` after its
+    /// Pub/Sub publish time.
+    pub(crate) fn committed_after(&self, latency: Duration) {
+        if let Some(r) = self.recorders.get() {
+            r.commit_latency.record(latency.as_secs_f64(), &[]);
+        }
+    }
+
+    /// Whether an OTLP export reads these counters (none is built without an endpoint).
+    pub fn exports_metrics(&self) -> bool {
+        self.recorders.get().is_some()
+    }
+
+    /// Lets an OTLP export record its histograms; `false` if these counters already serve
+    /// another export (a second `app::run` with the same counters), which then goes without.
+    pub(crate) fn attach(&self, recorders: otlp::Recorders) -> bool {
+        self.recorders.set(recorders).is_ok()
+    }
+}
+
+/// The class of an HTTP answer (`http.response.status_class`): `2xx` ... `5xx`, or `none` when
+/// no answer came (connection failure, timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StatusClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+    NoAnswer,
+}
+
+impl StatusClass {
+    const ALL: [StatusClass; 6] = [
+        StatusClass::Informational,
+        StatusClass::Success,
+        StatusClass::Redirection,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+        StatusClass::NoAnswer,
+    ];
+
+    pub(crate) fn of(status: u16) -> StatusClass {
+        match status {
+            100..=199 => StatusClass::Informational,
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirection,
+            400..=499 => StatusClass::ClientError,
+            500..=599 => StatusClass::ServerError,
+            _ => StatusClass::NoAnswer,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            StatusClass::Informational => "1xx",
+            StatusClass::Success => "2xx",
+            StatusClass::Redirection => "3xx",
+            StatusClass::ClientError => "4xx",
+            StatusClass::ServerError => "5xx",
+            StatusClass::NoAnswer => "none",
+        }
+    }
+}
+
+/// Every Gmail method, in the order of [`GmailCounters`]' slots.
+const METHODS: [Method; 6] = [
+    Method::GetProfile,
+    Method::HistoryList,
+    Method::MessagesList,
+    Method::MessagesGet,
+    Method::Watch,
+    Method::Stop,
+];
+
+/// The method's name in Gmail's API reference (`gmail.method`).
+pub(crate) fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::GetProfile => "users.getProfile",
+        Method::HistoryList => "users.history.list",
+        Method::MessagesList => "users.messages.list",
+        Method::MessagesGet => "users.messages.get",
+        Method::Watch => "users.watch",
+        Method::Stop => "users.stop",
+    }
+}
+
+fn method_slot(method: Method) -> usize {
+    METHODS
+        .iter()
+        .position(|m| *m == method)
+        .expect("METHODS lists every method")
+}
+
+/// Gmail requests by (method, answer class) and quota units by method: one relaxed add each,
+/// on fixed slots (no map, no lock). A batch part counts as one request of its method, as
+/// Gmail's quota does.
+#[derive(Debug, Default)]
+pub struct GmailCounters {
+    answers: [[AtomicU64; StatusClass::ALL.len()]; METHODS.len()],
+    quota_units: [AtomicU64; METHODS.len()],
+}
+
+/// Requests of one method that got one class of answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GmailCallCount {
+    pub method: &'static str,
+    pub status_class: &'static str,
+    pub calls: u64,
+}
+
+impl GmailCounters {
+    /// `n` requests of `method` answered (or not) with `class`.
+    pub(crate) fn answered(&self, method: Method, class: StatusClass, n: u64) {
+        let class = StatusClass::ALL
+            .iter()
+            .position(|c| *c == class)
+            .expect("ALL lists every class");
+        self.answers[method_slot(method)][class].fetch_add(n, Relaxed);
+    }
+
+    /// `units` of quota spent on `method`.
+    pub(crate) fn spent(&self, method: Method, units: u64) {
+        self.quota_units[method_slot(method)].fetch_add(units, Relaxed);
+    }
+
+    /// Every (method, class) with at least one request.
+    pub fn calls(&self) -> Vec<GmailCallCount> {
+        let mut out = Vec::new();
+        for (m, method) in METHODS.iter().enumerate() {
+            for (c, class) in StatusClass::ALL.iter().enumerate() {
+                let calls = self.answers[m][c].load(Relaxed);
+                if calls > 0 {
+                    out.push(GmailCallCount {
+                        method: method_name(*method),
+                        status_class: class.name(),
+                        calls,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Quota units by method name, for every method that spent any.
+    pub fn quota_units(&self) -> Vec<(&'static str, u64)> {
+        METHODS
+            .iter()
+            .zip(&self.quota_units)
+            .map(|(m, units)| (method_name(*m), units.load(Relaxed)))
+            .filter(|(_, units)| *units > 0)
+            .collect()
     }
 }
 
@@ -312,6 +491,7 @@ pub fn log_summary(counters: &Counters, message: &str) {
         fallback_syncs = s.fallback_syncs,
         fallback_changes = s.fallback_changes,
         watches_expiring_soon = s.watches_expiring_soon,
+        mailboxes_attention = s.mailboxes_attention,
         ack_latency_p50_ms = ms(&counters.ack_latency, 0.5),
         ack_latency_p99_ms = ms(&counters.ack_latency, 0.99),
         handling_latency_p50_ms = ms(&counters.handling_latency, 0.5),
