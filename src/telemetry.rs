@@ -171,7 +171,7 @@ counters! {
     sync_errors_permanent,
     /// Gmail HTTP requests sent (including retries).
     gmail_calls,
-    /// Gmail quota units spent (at the costs of `gmail::Method::quota_units`).
+    /// Gmail quota units spent (at the costs of the configured `quota::CostTable`).
     gmail_quota_units,
     /// Gmail answers 429 / 403 rate limits.
     gmail_rate_limited,
@@ -195,6 +195,24 @@ counters! {
     watches_expiring_soon,
     /// Gauge: the soonest of those expirations (epoch ms; 0 = none).
     soonest_watch_expiry_ms,
+    /// Quota governor: admissions and charges that fit the shared budgets.
+    quota_granted,
+    /// Deferred by the governor because the user's minute budget is spent.
+    quota_deferred_user,
+    /// Deferred because the user's in-flight slots are taken.
+    quota_deferred_in_flight,
+    /// Deferred because the project's minute or day budget is spent.
+    quota_deferred_project,
+    /// Deferred because a Gmail rate-limit answer blocked the budget.
+    quota_deferred_blocked,
+    /// Deferrals of notification-driven syncs (the same deferrals, by priority).
+    quota_deferred_notification,
+    /// Deferrals of watch renewals.
+    quota_deferred_renewal,
+    /// Deferrals of fallback syncs.
+    quota_deferred_fallback,
+    /// Gmail rate-limit answers fed back to the governor as blocks.
+    quota_blocks,
 }
 
 impl Counters {
@@ -312,6 +330,11 @@ pub fn log_summary(counters: &Counters, message: &str) {
         fallback_syncs = s.fallback_syncs,
         fallback_changes = s.fallback_changes,
         watches_expiring_soon = s.watches_expiring_soon,
+        // tracing takes at most 32 fields: the governor's deferrals as one sum (the counters
+        // by reason and priority are in the snapshot).
+        quota_deferred =
+            s.quota_deferred_notification + s.quota_deferred_renewal + s.quota_deferred_fallback,
+        quota_blocks = s.quota_blocks,
         ack_latency_p50_ms = ms(&counters.ack_latency, 0.5),
         ack_latency_p99_ms = ms(&counters.ack_latency, 0.99),
         handling_latency_p50_ms = ms(&counters.handling_latency, 0.5),
