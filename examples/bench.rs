@@ -33,11 +33,17 @@
 //! notification (how often they slept and were woken; threads that exited are not counted).
 //! `BENCH_WORKER_THREADS=N` runs the worker on a multi-threaded runtime of N workers instead of
 //! gmail-sync's own (to compare runtime shapes).
+//!
+//! Quota: the simulator enforces Gmail's published limits of `BENCH_QUOTA_TABLE` (`classic`:
+//! 15,000 units per user per minute, `2026`: 6,000 and `messages.get` at 20 units; the worker
+//! gets the same `GMAIL_SYNC_QUOTA_TABLE`), and `BENCH_GOVERNOR=on|off` sets the worker's
+//! `GMAIL_SYNC_QUOTA_GOVERNOR`. The phase **hot** (5 mailboxes, 30 changes/s each) asks for more
+//! than a user's minute allows; the column `429s` counts the calls Gmail refused for quota.
 
 #[path = "support/mod.rs"]
 mod support;
 
-use gmail_sync_testbed::gmail::{Endpoint, SimConfig};
+use gmail_sync_testbed::gmail::{Endpoint, QuotaConfig, SimConfig};
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
 use support::{Bed, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
@@ -125,7 +131,19 @@ const PHASES: &[PhaseSpec] = &[
         pattern: Pattern::Random,
         lag: Lag::FromEnv,
     },
+    PhaseSpec {
+        name: "hot",
+        size: HOT,
+        pattern: Pattern::Random,
+        lag: Lag::None,
+    },
 ];
+
+/// A few very busy mailboxes: with metadata, more units than a user's minute holds.
+const HOT: Size = Size::Fixed {
+    mailboxes: 5,
+    rate: 150,
+};
 
 /// The driver's clock: changes are offered in ticks of this length.
 const TICK: Duration = Duration::from_millis(10);
@@ -158,9 +176,17 @@ async fn bench() -> anyhow::Result<()> {
     let most_mailboxes = phases.iter().map(|p| size_of(p.size).0).max().unwrap_or(0);
     // Passed to the worker as GMAIL_SYNC_ENRICHMENT (`off`, `minimal`, `metadata`).
     let enrichment: String = env_or("BENCH_ENRICHMENT", "metadata".to_string());
+    let governor: String = env_or("BENCH_GOVERNOR", "on".to_string());
+    let table: String = env_or("BENCH_QUOTA_TABLE", "classic".to_string());
+    let quota = match table.as_str() {
+        "classic" => QuotaConfig::gmail(),
+        "2026" => QuotaConfig::gmail_2026(),
+        other => anyhow::bail!("BENCH_QUOTA_TABLE: {other:?} (classic or 2026)"),
+    };
     // Every change notifies: the workload controls the notification pattern exactly.
     let sim = SimConfig {
         notify_min_interval: Duration::ZERO,
+        quota,
         ..SimConfig::default()
     };
     let mut bed = Bed::start("bench", sim).await?;
@@ -169,12 +195,13 @@ async fn bench() -> anyhow::Result<()> {
         .collect();
     println!(
         "gmail-sync benchmark: {seconds} s per phase; steady and bursts: {env_mailboxes} mailboxes, \
-         {env_rate} notifications/s offered; lagged: history {} ms behind; enrichment {enrichment}",
+         {env_rate} notifications/s offered; lagged: history {} ms behind; enrichment {enrichment}; \
+         quota table {table}, governor {governor}",
         history_lag.as_millis()
     );
     println!();
     println!(
-        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8} {:>8}",
+        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8} {:>8} {:>6}",
         "phase",
         "mbox",
         "rate",
@@ -186,7 +213,8 @@ async fn bench() -> anyhow::Result<()> {
         "pub→ack p50/p99",
         "recv→ack p50/99",
         "RSS MiB",
-        "ctxsw/n"
+        "ctxsw/n",
+        "429s"
     );
     for phase in phases {
         let (n_mailboxes, rate) = size_of(phase.size);
@@ -204,7 +232,11 @@ async fn bench() -> anyhow::Result<()> {
         let worker = bed
             .spawn_worker(
                 phase.name,
-                &[("GMAIL_SYNC_ENRICHMENT", enrichment.as_str())],
+                &[
+                    ("GMAIL_SYNC_ENRICHMENT", enrichment.as_str()),
+                    ("GMAIL_SYNC_QUOTA_GOVERNOR", governor.as_str()),
+                    ("GMAIL_SYNC_QUOTA_TABLE", table.as_str()),
+                ],
             )
             .await?;
         wait_caught_up(&bed).await?;
@@ -240,13 +272,26 @@ async fn bench() -> anyhow::Result<()> {
             .filter(|c| c.endpoint == Endpoint::HistoryList)
             .count() as f64;
         let quota: u64 = phase_calls.iter().map(|c| c.cost).sum();
+        // Refused for quota: 429s and 403 rate limits (the concurrency 429 included).
+        let refused = phase_calls
+            .iter()
+            .filter(|c| {
+                matches!(c.status, 429 | 403)
+                    && c.error_reason.as_deref().is_some_and(|r| {
+                        matches!(
+                            r,
+                            "rateLimitExceeded" | "userRateLimitExceeded" | "dailyLimitExceeded"
+                        )
+                    })
+            })
+            .count();
         let code = stop_worker(&worker).await;
         let summary = final_summary(&worker).unwrap_or_default();
         let received = summary["received"].as_u64().unwrap_or(0) as f64;
         let cpu_us = (cpu_after.saturating_sub(cpu_before)).as_secs_f64() * 1e6;
         let ms = |k: &str| summary[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1} {:>8.2}",
+            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1} {:>8.2} {:>6}",
             phase.name,
             n_mailboxes,
             rate,
@@ -261,6 +306,7 @@ async fn bench() -> anyhow::Result<()> {
             ms("handling_latency_p99_ms"),
             rss_kib as f64 / 1024.0,
             switches as f64 / received.max(1.0),
+            refused,
         );
         if code != Some(0) {
             println!(

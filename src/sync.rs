@@ -465,19 +465,35 @@ impl Syncer {
             Counters::inc(&self.counters.history_pages);
             match page_commit(progress.cursor, &page) {
                 PageCommit::Commit { to, lease_after } => {
-                    let entries = self
-                        .enrich(
-                            mailbox,
-                            entries_of(&page.changes),
-                            &page_targets(&page.changes),
-                        )
-                        .await?;
-                    progress.cursor = self
-                        .store
-                        .commit(mailbox, lease, progress.cursor, to, &entries, lease_after)
-                        .await?;
-                    progress.changes += entries.len() as u64;
-                    Counters::add(&self.counters.changes_written, entries.len() as u64);
+                    // In parts of at most `fetches` new messages, each committed up to its
+                    // last record: a quota deferral (or failure) in the middle of a big page
+                    // loses one part's fetches, never the whole page, so a page that costs more
+                    // than a minute's budget still gets through, part by part.
+                    let targets = page_targets(&page.changes);
+                    let fetches = self.gmail.governor().fetches_per_commit(
+                        self.gmail.quota_units(Method::MessagesGet),
+                        crate::gmail::BATCH_MAX_CALLS,
+                    );
+                    let mut entries = entries_of(&page.changes);
+                    let ends = part_ends(&page.changes, &targets, fetches);
+                    let mut start = 0;
+                    for (k, &end) in ends.iter().enumerate() {
+                        let last_part = k + 1 == ends.len();
+                        let (part_to, part_lease) = if last_part {
+                            (to, lease_after)
+                        } else {
+                            (page.changes[end - 1].history_id, LeaseAfterCommit::Keep)
+                        };
+                        let part: Vec<ChangeEntry> = entries.drain(..end - start).collect();
+                        let part = self.enrich(mailbox, part, &targets[start..end]).await?;
+                        progress.cursor = self
+                            .store
+                            .commit(mailbox, lease, progress.cursor, part_to, &part, part_lease)
+                            .await?;
+                        progress.changes += part.len() as u64;
+                        Counters::add(&self.counters.changes_written, part.len() as u64);
+                        start = end;
+                    }
                     if lease_after == LeaseAfterCommit::Release {
                         return Ok(progress);
                     }
@@ -633,6 +649,26 @@ fn page_targets(changes: &[HistoryChange]) -> Vec<Target<'_>> {
             _ => Target::None,
         })
         .collect()
+}
+
+/// Where a page's changes are cut into parts (exclusive ends, the last one `changes.len()`;
+/// `[0]` for an empty page): at most `max_fetches` messages to fetch per part, cut only between
+/// records (changes of one record share its historyId, and a part is committed up to its last
+/// record), so a record with more new messages than that is one part.
+fn part_ends(changes: &[HistoryChange], targets: &[Target<'_>], max_fetches: usize) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut fetches = 0;
+    for (i, target) in targets.iter().enumerate() {
+        let fetch = matches!(target, Target::Fetch(_));
+        let new_record = i > 0 && changes[i].history_id != changes[i - 1].history_id;
+        if fetch && fetches >= max_fetches.max(1) && new_record {
+            ends.push(i);
+            fetches = 0;
+        }
+        fetches += usize::from(fetch);
+    }
+    ends.push(changes.len());
+    ends
 }
 
 struct Progress {
@@ -847,6 +883,38 @@ mod tests {
                 Target::None,
                 Target::None
             ]
+        );
+    }
+
+    #[test]
+    fn pages_are_cut_into_parts_between_records() {
+        use HistoryChangeKind::*;
+        let change = |h, kind, id: &str| HistoryChange {
+            history_id: HistoryId(h),
+            kind,
+            message_id: id.into(),
+            thread_id: "t".into(),
+            label_ids: vec![],
+        };
+        let changes = vec![
+            change(1, MessageAdded, "a"),
+            change(2, MessageAdded, "b"),
+            change(2, MessageAdded, "c"),
+            change(3, LabelsAdded, "a"),
+            change(4, MessageAdded, "d"),
+            change(5, MessageAdded, "e"),
+        ];
+        let targets = page_targets(&changes);
+        assert_eq!(part_ends(&changes, &targets, 50), vec![6]);
+        // Record 2's two messages stay together; label changes ride along.
+        assert_eq!(part_ends(&changes, &targets, 1), vec![1, 4, 5, 6]);
+        assert_eq!(part_ends(&changes, &targets, 2), vec![4, 6]);
+        assert_eq!(part_ends(&changes, &targets, 3), vec![4, 6]);
+        assert_eq!(part_ends(&[], &[], 3), vec![0]);
+        assert_eq!(
+            part_ends(&changes, &targets, 0),
+            vec![1, 4, 5, 6],
+            "0 means 1"
         );
     }
 

@@ -11,6 +11,8 @@
 
 mod batch;
 mod model;
+
+pub(crate) use batch::BATCH_MAX_CALLS;
 mod wire;
 
 pub use model::{

@@ -173,6 +173,16 @@ impl Governor {
         self.shared.is_some()
     }
 
+    /// How many `messages.get` (of `unit_cost` each) a sync should fetch per commit: at most
+    /// `ceiling` (a batch), and, governed, at most what fits in half a user's minute, so one
+    /// part always fits once the window drains and a deferral loses little.
+    pub fn fetches_per_commit(&self, unit_cost: u64, ceiling: usize) -> usize {
+        match &self.shared {
+            None => ceiling,
+            Some(s) => policy::fetches_per_commit(s.limits.user_per_minute, unit_cost, ceiling),
+        }
+    }
+
     /// May `priority` work for `mailbox` start now, prepaying `units` (its first call)? One
     /// Redis script call (two on a cluster when the project is governed).
     pub async fn admit(

@@ -152,6 +152,14 @@ pub fn in_flight_for(cap: u32, priority: Priority) -> u32 {
     ((u64::from(cap) * priority.share_percent() / 100) as u32).max(1)
 }
 
+/// Messages a sync fetches per commit under a user limit of `user_per_minute`: what fits in
+/// half of it at `unit_cost` each (the other half for the history reads and other work), at
+/// least 1, at most `ceiling`.
+pub fn fetches_per_commit(user_per_minute: u64, unit_cost: u64, ceiling: usize) -> usize {
+    let fit = user_per_minute / 2 / unit_cost.max(1);
+    (fit as usize).clamp(1, ceiling.max(1))
+}
+
 /// Which budget a refusal or a rate-limit answer concerns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Budget {
@@ -302,6 +310,15 @@ mod tests {
         assert_eq!(in_flight_for(1, Priority::Fallback), 1);
         assert!(Priority::Notification < Priority::Renewal);
         assert!(Priority::Renewal < Priority::Fallback);
+    }
+
+    #[test]
+    fn a_commit_fetches_what_half_a_minute_allows() {
+        assert_eq!(fetches_per_commit(15_000, 5, 50), 50);
+        assert_eq!(fetches_per_commit(6_000, 20, 50), 50);
+        assert_eq!(fetches_per_commit(1_000, 20, 50), 25);
+        assert_eq!(fetches_per_commit(40, 5, 50), 4);
+        assert_eq!(fetches_per_commit(5, 20, 50), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 -- then for window i: ARGV[6+3i-2] limit, ARGV[6+3i-1] span ms, ARGV[6+3i] bucket ms.
 -- A bucket counts while now < its start + span + bucket: at least `span` after every charge in
 -- it, so the window is never more lenient than a true sliding window of `span`.
--- Returns {'ok', now} | {'spent', i, wait ms} | {'blocked', i, wait ms} | {'in_flight', 0, -1}.
+-- Returns {'ok', 0, now} | {'spent', i, wait ms} | {'blocked', i, wait ms} | {'in_flight', 0, -1}.
 -- Nothing is written unless it returns 'ok'.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -75,4 +75,4 @@ if token ~= '' then
   -- Every slot expires within ttl of now, so the zset may too (a killed worker's slots go).
   redis.call('PEXPIRE', KEYS[n + 1], ttl)
 end
-return {'ok', now}
+return {'ok', 0, now}

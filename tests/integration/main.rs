@@ -6,7 +6,8 @@
 //! `gmail_errors`, `enrichment` (message metadata), `shutdown`, `redis_faults`, `cluster`,
 //! `redis_tls` (TLS and logins); the commit script directly: `store`; the real binary as
 //! processes: `processes`, and its health probes: `health`; refresh tokens sealed at rest and key
-//! rotation: `vault`; real Gmail credentials: `credentials`.
+//! rotation: `vault`; real Gmail credentials: `credentials`; the quota governor shared by
+//! worker processes: `quota`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -20,6 +21,7 @@ mod harness;
 mod health;
 mod lifecycle;
 mod processes;
+mod quota;
 mod redis_faults;
 mod redis_tls;
 mod resync;
