@@ -39,11 +39,16 @@
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT`), exporting every `BENCH_OTLP_INTERVAL_MS` (1000; the
 //! default of a deployment is 60 s, so this is 60 times the export work); run it with and
 //! without to compare CPU and RSS. Each phase then also prints what the receiver got.
+//! Quota: the simulator enforces Gmail's published limits of `BENCH_QUOTA_TABLE` (`classic`:
+//! 15,000 units per user per minute, `2026`: 6,000 and `messages.get` at 20 units; the worker
+//! gets the same `GMAIL_SYNC_QUOTA_TABLE`), and `BENCH_GOVERNOR=on|off` sets the worker's
+//! `GMAIL_SYNC_QUOTA_GOVERNOR`. The phase **hot** (5 mailboxes, 30 changes/s each) asks for more
+//! than a user's minute allows; the column `429s` counts the calls Gmail refused for quota.
 
 #[path = "support/mod.rs"]
 mod support;
 
-use gmail_sync_testbed::gmail::{Endpoint, SimConfig};
+use gmail_sync_testbed::gmail::{Endpoint, QuotaConfig, SimConfig};
 use gmail_sync_testbed::otlp::OtlpReceiver;
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
@@ -132,7 +137,19 @@ const PHASES: &[PhaseSpec] = &[
         pattern: Pattern::Random,
         lag: Lag::FromEnv,
     },
+    PhaseSpec {
+        name: "hot",
+        size: HOT,
+        pattern: Pattern::Random,
+        lag: Lag::None,
+    },
 ];
+
+/// A few very busy mailboxes: with metadata, more units than a user's minute holds.
+const HOT: Size = Size::Fixed {
+    mailboxes: 5,
+    rate: 150,
+};
 
 /// The driver's clock: changes are offered in ticks of this length.
 const TICK: Duration = Duration::from_millis(10);
@@ -165,9 +182,17 @@ async fn bench() -> anyhow::Result<()> {
     let most_mailboxes = phases.iter().map(|p| size_of(p.size).0).max().unwrap_or(0);
     // Passed to the worker as GMAIL_SYNC_ENRICHMENT (`off`, `minimal`, `metadata`).
     let enrichment: String = env_or("BENCH_ENRICHMENT", "metadata".to_string());
+    let governor: String = env_or("BENCH_GOVERNOR", "on".to_string());
+    let table: String = env_or("BENCH_QUOTA_TABLE", "classic".to_string());
+    let quota = match table.as_str() {
+        "classic" => QuotaConfig::gmail(),
+        "2026" => QuotaConfig::gmail_2026(),
+        other => anyhow::bail!("BENCH_QUOTA_TABLE: {other:?} (classic or 2026)"),
+    };
     // Every change notifies: the workload controls the notification pattern exactly.
     let sim = SimConfig {
         notify_min_interval: Duration::ZERO,
+        quota,
         ..SimConfig::default()
     };
     let mut bed = Bed::start("bench", sim).await?;
@@ -192,7 +217,7 @@ async fn bench() -> anyhow::Result<()> {
     println!(
         "gmail-sync benchmark: {seconds} s per phase; steady and bursts: {env_mailboxes} mailboxes, \
          {env_rate} notifications/s offered; lagged: history {} ms behind; enrichment {enrichment}; \
-         metrics export {}",
+         quota table {table}, governor {governor}; metrics export {}",
         history_lag.as_millis(),
         match &receiver {
             Some(_) => format!("on (OTLP/HTTP to a loopback receiver every {otlp_interval_ms} ms)"),
@@ -201,7 +226,7 @@ async fn bench() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8} {:>8}",
+        "{:<9} {:>5} {:>5} {:>7} {:>9} {:>12} {:>14} {:>11} {:>16} {:>16} {:>8} {:>8} {:>6}",
         "phase",
         "mbox",
         "rate",
@@ -213,7 +238,8 @@ async fn bench() -> anyhow::Result<()> {
         "pub→ack p50/p99",
         "recv→ack p50/99",
         "RSS MiB",
-        "ctxsw/n"
+        "ctxsw/n",
+        "429s"
     );
     for phase in phases {
         let (n_mailboxes, rate) = size_of(phase.size);
@@ -228,7 +254,11 @@ async fn bench() -> anyhow::Result<()> {
             Lag::None => Duration::ZERO,
             Lag::FromEnv => history_lag,
         });
-        let mut worker_env = vec![("GMAIL_SYNC_ENRICHMENT", enrichment.as_str())];
+        let mut worker_env = vec![
+            ("GMAIL_SYNC_ENRICHMENT", enrichment.as_str()),
+            ("GMAIL_SYNC_QUOTA_GOVERNOR", governor.as_str()),
+            ("GMAIL_SYNC_QUOTA_TABLE", table.as_str()),
+        ];
         worker_env.extend(otlp_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let worker = bed.spawn_worker(phase.name, &worker_env).await?;
         let exports_before = receiver
@@ -267,13 +297,26 @@ async fn bench() -> anyhow::Result<()> {
             .filter(|c| c.endpoint == Endpoint::HistoryList)
             .count() as f64;
         let quota: u64 = phase_calls.iter().map(|c| c.cost).sum();
+        // Refused for quota: 429s and 403 rate limits (the concurrency 429 included).
+        let refused = phase_calls
+            .iter()
+            .filter(|c| {
+                matches!(c.status, 429 | 403)
+                    && c.error_reason.as_deref().is_some_and(|r| {
+                        matches!(
+                            r,
+                            "rateLimitExceeded" | "userRateLimitExceeded" | "dailyLimitExceeded"
+                        )
+                    })
+            })
+            .count();
         let code = stop_worker(&worker).await;
         let summary = final_summary(&worker).unwrap_or_default();
         let received = summary["received"].as_u64().unwrap_or(0) as f64;
         let cpu_us = (cpu_after.saturating_sub(cpu_before)).as_secs_f64() * 1e6;
         let ms = |k: &str| summary[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1} {:>8.2}",
+            "{:<9} {:>5} {:>5} {:>7} {:>9.0} {:>12.1} {:>14.3} {:>11.2} {:>7.1} /{:>7.1} {:>7.1} /{:>7.1} {:>8.1} {:>8.2} {:>6}",
             phase.name,
             n_mailboxes,
             rate,
@@ -288,6 +331,7 @@ async fn bench() -> anyhow::Result<()> {
             ms("handling_latency_p99_ms"),
             rss_kib as f64 / 1024.0,
             switches as f64 / received.max(1.0),
+            refused,
         );
         if let Some(r) = &receiver {
             println!(

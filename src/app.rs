@@ -10,6 +10,7 @@ use crate::consumer::{Consumer, ShutdownMode, stream, subscription};
 use crate::gmail::GmailClient;
 use crate::health::{self, Health, PubSubLink};
 use crate::mailbox::{KeyOrigin, Mailbox, MailboxLogStyle};
+use crate::quota::Governor;
 use crate::scheduler::{SchedulePolicy, Scheduler};
 use crate::store::Store;
 use crate::supervisor::{StopCause, Supervisor, TaskEnd, Tier};
@@ -93,8 +94,17 @@ pub async fn run(
     for verified in check_credentials(&config, &credentials).await? {
         tracing::info!(mode = %config.auth.describe(), "credentials: {verified}");
     }
+    let tracker = TaskTracker::new();
+    // One governor for the consumer's syncs and the scheduler's work: the same client.
+    let governor = Governor::new(
+        store.clone(),
+        &config.quota,
+        counters.clone(),
+        tracker.clone(),
+    );
     let gmail = GmailClient::new(&config.gmail, credentials.token_source(), counters.clone())
-        .map_err(AppError::Startup)?;
+        .map_err(AppError::Startup)?
+        .with_governor(governor);
     let checker = subscription::Checker::connect(&config.pubsub, &subscription, STARTUP_DEADLINE)
         .await
         .context("Pub/Sub startup check")
@@ -116,6 +126,9 @@ pub async fn run(
         max_concurrent_syncs = config.consumer.max_concurrent_syncs,
         max_outstanding_bytes = config.consumer.max_outstanding_bytes,
         metrics = %config.metrics.describe(),
+        quota_governor = ?config.quota.mode,
+        quota_table = ?config.quota.table,
+        quota_user_per_minute = config.quota.limits.user_per_minute,
         quarantine_cap_bytes =
             crate::store::quarantine::quarantine_memory_cap(config.store.quarantine_maxlen),
         "gmail-sync worker started"
@@ -132,7 +145,6 @@ pub async fn run(
         );
     }
 
-    let tracker = TaskTracker::new();
     let heartbeat = Arc::new(AtomicU64::new(0));
     let mut supervisor = Supervisor::new(tracker.clone());
 
@@ -289,7 +301,20 @@ pub fn gmail_client(
     counters: Arc<Counters>,
 ) -> Result<GmailClient, AppError> {
     let credentials = credentials(config, store)?;
-    GmailClient::new(&config.gmail, credentials.token_source(), counters).map_err(AppError::Startup)
+    // An admin command's calls are recorded in the shared budgets (never deferred, outside
+    // admitted work); its permits (`mailbox resync`) release on a tracker of its own, and a
+    // command that exits first leaves the slot to its TTL.
+    let governor = Governor::new(
+        store.clone(),
+        &config.quota,
+        counters.clone(),
+        TaskTracker::new(),
+    );
+    Ok(
+        GmailClient::new(&config.gmail, credentials.token_source(), counters)
+            .map_err(AppError::Startup)?
+            .with_governor(governor),
+    )
 }
 
 /// Refresh tokens as stored in Redis, sealed by the vault.

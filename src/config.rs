@@ -15,6 +15,7 @@ pub use metrics::{
 };
 
 use crate::mailbox::{LogHashKey, Mailbox, MailboxLogStyle};
+use crate::quota::{CostTable, GovernorMode, QuotaSettings, QuotaTable};
 use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Command, FromArgMatches};
 use std::fmt;
@@ -361,17 +362,65 @@ struct Environment {
     )]
     enrichment_headers: HeaderNames,
 
-    /// Quota units one users.messages.get costs (1-100): 5 in Gmail's usage table, 20 for
-    /// projects under its newer quota table; counted in the quota figures
+    /// Quota units one users.messages.get costs (1-100); unset = GMAIL_SYNC_QUOTA_TABLE's (5
+    /// classic, 20 for 2026); counted in the quota figures and charged by the quota governor
     ///
     /// e.g. 20
     #[arg(
         long,
         env = "GMAIL_SYNC_MESSAGES_GET_COST",
-        default_value = "5",
         value_parser = integer::<u64>(1, 100)
     )]
-    messages_get_cost: u64,
+    messages_get_cost: Option<u64>,
+
+    /// The quota governor that all replicas share through Redis: `on` (work waits for the
+    /// per-user, per-project and in-flight budgets instead of drawing Gmail's 429s) or `off`
+    ///
+    /// e.g. off
+    #[arg(long, env = "GMAIL_SYNC_QUOTA_GOVERNOR", default_value = "on", value_parser = governor_mode)]
+    quota_governor: GovernorMode,
+
+    /// Which of Gmail's quota tables the Google Cloud project is under: `classic` (15,000 units
+    /// per user per minute, 1,200,000 per project per minute, messages.get 5) or `2026`
+    /// (projects created from May 2026: 6,000 per user per minute, 80,000,000 per project per
+    /// day, messages.get 20)
+    ///
+    /// e.g. 2026
+    #[arg(long, env = "GMAIL_SYNC_QUOTA_TABLE", default_value = "classic", value_parser = quota_table)]
+    quota_table: QuotaTable,
+
+    /// Quota units per user (mailbox) per minute the governor allows (1-1000000000); unset =
+    /// the table's
+    ///
+    /// e.g. 12000
+    #[arg(long, env = "GMAIL_SYNC_QUOTA_USER_PER_MINUTE", value_parser = integer::<u64>(1, 1_000_000_000))]
+    quota_user_per_minute: Option<u64>,
+
+    /// Quota units per project per minute the governor allows, for all replicas together
+    /// (0-1000000000; 0 = not governed); unset = the table's
+    ///
+    /// e.g. 1000000
+    #[arg(long, env = "GMAIL_SYNC_QUOTA_PROJECT_PER_MINUTE", value_parser = integer::<u64>(0, 1_000_000_000))]
+    quota_project_per_minute: Option<u64>,
+
+    /// Quota units per project per 24 hours the governor allows (0-100000000000; 0 = no daily
+    /// threshold); unset = the table's (none for classic, 80,000,000 for 2026)
+    ///
+    /// e.g. 60000000
+    #[arg(long, env = "GMAIL_SYNC_QUOTA_PROJECT_PER_DAY", value_parser = integer::<u64>(0, 100_000_000_000))]
+    quota_project_per_day: Option<u64>,
+
+    /// Syncs and renewals of one mailbox in flight at once across all replicas (1-100); Gmail
+    /// answers "Too many concurrent requests for user" above about 10 requests
+    ///
+    /// e.g. 4
+    #[arg(
+        long,
+        env = "GMAIL_SYNC_QUOTA_USER_IN_FLIGHT",
+        default_value = "8",
+        value_parser = integer::<u32>(1, 100)
+    )]
+    quota_user_in_flight: u32,
 
     /// Timeout of one Gmail HTTP request, in seconds (1-600)
     ///
@@ -854,6 +903,8 @@ pub struct Config {
     pub store: StoreSettings,
     pub auth: AuthSettings,
     pub gmail: GmailSettings,
+    /// The quota governor (`quota`): on or off, costs, limits.
+    pub quota: QuotaSettings,
     pub consumer: ConsumerSettings,
     pub sync: SyncSettings,
     pub scheduler: SchedulerSettings,
@@ -878,8 +929,8 @@ pub struct GmailSettings {
     pub api_url: String,
     pub request_timeout: Duration,
     pub max_attempts: u32,
-    /// Quota units charged per `users.messages.get` (GMAIL_SYNC_MESSAGES_GET_COST).
-    pub messages_get_cost: u64,
+    /// Quota units per call (GMAIL_SYNC_QUOTA_TABLE, GMAIL_SYNC_MESSAGES_GET_COST).
+    pub costs: CostTable,
 }
 
 #[derive(Clone, Debug)]
@@ -1215,6 +1266,12 @@ impl Environment {
             enrichment,
             enrichment_headers,
             messages_get_cost,
+            quota_governor,
+            quota_table,
+            quota_user_per_minute,
+            quota_project_per_minute,
+            quota_project_per_day,
+            quota_user_in_flight,
             gmail_timeout,
             gmail_max_attempts,
             sync_retries,
@@ -1251,6 +1308,24 @@ impl Environment {
             google_application_credentials: _,
             rust_log: _,
         } = self;
+        let quota = {
+            let mut q = QuotaSettings::of(quota_table);
+            q.mode = quota_governor;
+            if let Some(cost) = messages_get_cost {
+                q.costs.messages_get = cost;
+            }
+            if let Some(limit) = quota_user_per_minute {
+                q.limits.user_per_minute = limit;
+            }
+            if let Some(limit) = quota_project_per_minute {
+                q.limits.project_per_minute = (limit > 0).then_some(limit);
+            }
+            if let Some(limit) = quota_project_per_day {
+                q.limits.project_per_day = (limit > 0).then_some(limit);
+            }
+            q.limits.user_in_flight = quota_user_in_flight;
+            q
+        };
         let renew_jitter = renew_jitter.unwrap_or(renew_interval / 2);
         if renew_jitter >= renew_interval {
             return Err(ConfigError {
@@ -1356,8 +1431,9 @@ impl Environment {
                 api_url: gmail_api_url,
                 request_timeout: gmail_timeout,
                 max_attempts: gmail_max_attempts,
-                messages_get_cost,
+                costs: quota.costs,
             },
+            quota,
             consumer: ConsumerSettings {
                 max_concurrent_syncs,
                 max_outstanding_messages,
@@ -1699,6 +1775,22 @@ fn enrichment_mode(value: &str) -> Result<EnrichmentMode, String> {
         "metadata" => Ok(EnrichmentMode::Metadata),
         "minimal" => Ok(EnrichmentMode::Minimal),
         _ => Err("expected `off`, `metadata` or `minimal`".into()),
+    }
+}
+
+fn governor_mode(value: &str) -> Result<GovernorMode, String> {
+    match value.trim() {
+        "on" => Ok(GovernorMode::On),
+        "off" => Ok(GovernorMode::Off),
+        _ => Err("expected `on` or `off`".into()),
+    }
+}
+
+fn quota_table(value: &str) -> Result<QuotaTable, String> {
+    match value.trim() {
+        "classic" => Ok(QuotaTable::Classic),
+        "2026" => Ok(QuotaTable::Y2026),
+        _ => Err("expected `classic` or `2026`".into()),
     }
 }
 
@@ -2300,6 +2392,46 @@ mod tests {
     }
 
     #[test]
+    fn quota_settings_are_a_table_with_overrides() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.quota, QuotaSettings::of(QuotaTable::Classic));
+        assert_eq!(c.quota.mode, GovernorMode::On);
+        let c = load(&[("GMAIL_SYNC_QUOTA_TABLE", "2026")]).unwrap();
+        assert_eq!(c.quota.limits.user_per_minute, 6_000);
+        assert_eq!(c.quota.limits.project_per_day, Some(80_000_000));
+        assert_eq!(
+            c.gmail.costs.messages_get, 20,
+            "the table's cost is the client's"
+        );
+        let c = load(&[
+            ("GMAIL_SYNC_QUOTA_TABLE", "2026"),
+            ("GMAIL_SYNC_QUOTA_GOVERNOR", "off"),
+            ("GMAIL_SYNC_MESSAGES_GET_COST", "7"),
+            ("GMAIL_SYNC_QUOTA_USER_PER_MINUTE", "100"),
+            ("GMAIL_SYNC_QUOTA_PROJECT_PER_MINUTE", "0"),
+            ("GMAIL_SYNC_QUOTA_PROJECT_PER_DAY", "0"),
+            ("GMAIL_SYNC_QUOTA_USER_IN_FLIGHT", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.quota.mode, GovernorMode::Off);
+        assert_eq!(c.quota.costs.messages_get, 7);
+        assert_eq!(c.gmail.costs.messages_get, 7);
+        assert_eq!(c.quota.limits.user_per_minute, 100);
+        assert_eq!(c.quota.limits.project_per_minute, None);
+        assert_eq!(c.quota.limits.project_per_day, None);
+        assert_eq!(c.quota.limits.user_in_flight, 3);
+        for (name, bad) in [
+            ("GMAIL_SYNC_QUOTA_GOVERNOR", "maybe"),
+            ("GMAIL_SYNC_QUOTA_TABLE", "2025"),
+            ("GMAIL_SYNC_QUOTA_USER_PER_MINUTE", "0"),
+            ("GMAIL_SYNC_QUOTA_USER_IN_FLIGHT", "0"),
+            ("GMAIL_SYNC_QUOTA_PROJECT_PER_DAY", "-1"),
+        ] {
+            assert_eq!(load(&[(name, bad)]).unwrap_err().name, name, "{bad}");
+        }
+    }
+
+    #[test]
     fn enrichment_settings() {
         let c = load(&[]).unwrap();
         let Enrichment::Metadata { headers } = &c.sync.enrichment else {
@@ -2309,14 +2441,14 @@ mod tests {
             headers.join(","),
             "From,To,Cc,Subject,Date,Message-ID,In-Reply-To"
         );
-        assert_eq!(c.gmail.messages_get_cost, 5);
+        assert_eq!(c.gmail.costs.messages_get, 5);
         let c = load(&[
             ("GMAIL_SYNC_ENRICHMENT", "minimal"),
             ("GMAIL_SYNC_MESSAGES_GET_COST", "20"),
         ])
         .unwrap();
         assert_eq!(c.sync.enrichment, Enrichment::Minimal);
-        assert_eq!(c.gmail.messages_get_cost, 20);
+        assert_eq!(c.gmail.costs.messages_get, 20);
         let c = load(&[("GMAIL_SYNC_ENRICHMENT_HEADERS", " List-Id , From,")]).unwrap();
         assert_eq!(
             c.sync.enrichment,

@@ -13,6 +13,7 @@ pub(crate) mod health;
 pub mod history_id;
 pub mod mailbox;
 pub(crate) mod notification;
+pub mod quota;
 pub mod registry;
 mod retry;
 pub mod scheduler;

@@ -22,10 +22,11 @@ use crate::config::{Enrichment, SyncSettings};
 use crate::failure_guard::{Blame, SharedGuard, Verdict};
 use crate::gmail::{
     FetchedMessage, GmailClient, GmailError, HistoryChange, HistoryChangeKind, HistoryPage,
-    ListedMessage, MessageFormat, REQUESTS_IN_TASK,
+    ListedMessage, MessageFormat, Method, REQUESTS_IN_TASK,
 };
 use crate::history_id::HistoryId;
 use crate::mailbox::{Mailbox, MailboxLogStyle};
+use crate::quota::{Admission, Deferral, Priority, QuotaError};
 use crate::store::{
     AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit,
     ResyncReason, Store, StoreError,
@@ -66,6 +67,10 @@ pub enum SyncOutcome {
         error: SyncError,
         retry_after: Duration,
     },
+    /// The quota governor said wait (before the first call, before a later one, or after a
+    /// rate-limit answer it turned into a block): lease and slot are given back, whatever was
+    /// committed stays; ask again after `after`. Not a failure.
+    Deferred(Deferral),
     Failed(SyncError),
 }
 
@@ -75,6 +80,8 @@ pub enum SyncError {
     Gmail(#[from] GmailError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Quota(#[from] QuotaError),
     #[error("history still gone right after a full resync")]
     ResyncLoop,
     /// Shutdown cut the sync short; what was committed stays, the rest is redone later.
@@ -87,7 +94,16 @@ impl SyncError {
         match self {
             SyncError::Gmail(e) => e.is_retryable(),
             SyncError::Store(e) => e.is_retryable(),
+            SyncError::Quota(e) => e.is_retryable(),
             SyncError::ResyncLoop | SyncError::Cancelled => true,
+        }
+    }
+
+    /// The governor's deferral this failure is (see [`GmailError::deferral`]).
+    fn deferral(&self) -> Option<Deferral> {
+        match self {
+            SyncError::Gmail(e) => e.deferral(),
+            _ => None,
         }
     }
 
@@ -96,13 +112,14 @@ impl SyncError {
     pub(crate) fn permanent_failure(&self) -> PermanentFailure {
         match self {
             SyncError::Gmail(e) => PermanentFailure::of_gmail(e),
-            SyncError::Store(_) | SyncError::ResyncLoop | SyncError::Cancelled => {
-                PermanentFailure {
-                    cause: self.to_string(),
-                    blame: Blame::Mailbox,
-                    kind: AttentionKind::Failed,
-                }
-            }
+            SyncError::Store(_)
+            | SyncError::Quota(_)
+            | SyncError::ResyncLoop
+            | SyncError::Cancelled => PermanentFailure {
+                cause: self.to_string(),
+                blame: Blame::Mailbox,
+                kind: AttentionKind::Failed,
+            },
         }
     }
 
@@ -177,7 +194,7 @@ impl Syncer {
     /// Brings `mailbox` up to its latest history (the scheduler's fallback sync of a silent
     /// mailbox: there is no notification, so no target historyId).
     pub async fn sync_latest(&self, mailbox: &Mailbox, cancel: &CancellationToken) -> SyncOutcome {
-        self.sync_from(mailbox, LATEST, Start::History, cancel)
+        self.sync_from(mailbox, LATEST, Start::History, Priority::Fallback, cancel)
             .await
     }
 
@@ -187,6 +204,7 @@ impl Syncer {
             mailbox,
             LATEST,
             Start::FullResync(ResyncReason::Requested),
+            Priority::Notification,
             cancel,
         )
         .await
@@ -201,8 +219,14 @@ impl Syncer {
         target: HistoryId,
         cancel: &CancellationToken,
     ) -> SyncOutcome {
-        self.sync_from(mailbox, target, Start::History, cancel)
-            .await
+        self.sync_from(
+            mailbox,
+            target,
+            Start::History,
+            Priority::Notification,
+            cancel,
+        )
+        .await
     }
 
     async fn sync_from(
@@ -210,6 +234,7 @@ impl Syncer {
         mailbox: &Mailbox,
         target: HistoryId,
         start: Start,
+        priority: Priority,
         cancel: &CancellationToken,
     ) -> SyncOutcome {
         let lease = Lease::new(self.settings.mailbox_lease);
@@ -225,13 +250,38 @@ impl Syncer {
             }
             Ok(Begin::Leased { cursor }) => cursor,
         };
+        // Asked only now, with the lease taken: a covered target, a busy lease or an unknown
+        // mailbox makes no Gmail call and so costs no quota. A wait gives the lease back at
+        // once, so nothing is held while the work waits (in the coalescer, as a deferral).
+        let prepaid = self.gmail.quota_units(match start {
+            Start::History => Method::HistoryList,
+            Start::FullResync(_) => Method::GetProfile,
+        });
+        let _permit = match self
+            .gmail
+            .governor()
+            .admit(mailbox, priority, prepaid)
+            .await
+        {
+            Ok(Admission::Granted(permit)) => permit,
+            Ok(Admission::Wait(deferral)) => {
+                let _ = self.store.release_lease(mailbox, &lease).await;
+                return SyncOutcome::Deferred(deferral);
+            }
+            Err(e) => {
+                let _ = self.store.release_lease(mailbox, &lease).await;
+                Counters::inc(&self.counters.sync_errors_retryable);
+                return SyncOutcome::Failed(e.into());
+            }
+        };
         let span = tracing::info_span!(
             "sync",
             mailbox = %mailbox.for_log(self.log_style),
             from = %cursor,
             target = %target,
         );
-        let work = self.run(mailbox, &lease, cursor, start);
+        let work =
+            crate::quota::within(priority, prepaid, self.run(mailbox, &lease, cursor, start));
         let (result, gmail_calls) = REQUESTS_IN_TASK
             .scope(std::cell::Cell::new(0), async {
                 let result = tokio::select! {
@@ -263,6 +313,17 @@ impl Syncer {
             Err(e) => {
                 // Best effort: the TTL frees the lease anyway if this fails.
                 let _ = self.store.release_lease(mailbox, &lease).await;
+                if let Some(deferral) = e.deferral() {
+                    span.in_scope(|| {
+                        tracing::debug!(
+                            reason = deferral.reason.as_str(),
+                            after_ms = deferral.after.as_millis() as u64,
+                            gmail_calls,
+                            "sync deferred by the quota governor"
+                        )
+                    });
+                    return SyncOutcome::Deferred(deferral);
+                }
                 if e.is_retryable() {
                     span.in_scope(|| {
                         if matches!(e, SyncError::Cancelled) {
@@ -405,19 +466,35 @@ impl Syncer {
             Counters::inc(&self.counters.history_pages);
             match page_commit(progress.cursor, &page) {
                 PageCommit::Commit { to, lease_after } => {
-                    let entries = self
-                        .enrich(
-                            mailbox,
-                            entries_of(&page.changes),
-                            &page_targets(&page.changes),
-                        )
-                        .await?;
-                    progress.cursor = self
-                        .store
-                        .commit(mailbox, lease, progress.cursor, to, &entries, lease_after)
-                        .await?;
-                    progress.changes += entries.len() as u64;
-                    Counters::add(&self.counters.changes_written, entries.len() as u64);
+                    // In parts of at most `fetches` new messages, each committed up to its
+                    // last record: a quota deferral (or failure) in the middle of a big page
+                    // loses one part's fetches, never the whole page, so a page that costs more
+                    // than a minute's budget still gets through, part by part.
+                    let targets = page_targets(&page.changes);
+                    let fetches = self.gmail.governor().fetches_per_commit(
+                        self.gmail.quota_units(Method::MessagesGet),
+                        crate::gmail::BATCH_MAX_CALLS,
+                    );
+                    let mut entries = entries_of(&page.changes);
+                    let ends = part_ends(&page.changes, &targets, fetches);
+                    let mut start = 0;
+                    for (k, &end) in ends.iter().enumerate() {
+                        let last_part = k + 1 == ends.len();
+                        let (part_to, part_lease) = if last_part {
+                            (to, lease_after)
+                        } else {
+                            (page.changes[end - 1].history_id, LeaseAfterCommit::Keep)
+                        };
+                        let part: Vec<ChangeEntry> = entries.drain(..end - start).collect();
+                        let part = self.enrich(mailbox, part, &targets[start..end]).await?;
+                        progress.cursor = self
+                            .store
+                            .commit(mailbox, lease, progress.cursor, part_to, &part, part_lease)
+                            .await?;
+                        progress.changes += part.len() as u64;
+                        Counters::add(&self.counters.changes_written, part.len() as u64);
+                        start = end;
+                    }
                     if lease_after == LeaseAfterCommit::Release {
                         return Ok(progress);
                     }
@@ -573,6 +650,26 @@ fn page_targets(changes: &[HistoryChange]) -> Vec<Target<'_>> {
             _ => Target::None,
         })
         .collect()
+}
+
+/// Where a page's changes are cut into parts (exclusive ends, the last one `changes.len()`;
+/// `[0]` for an empty page): at most `max_fetches` messages to fetch per part, cut only between
+/// records (changes of one record share its historyId, and a part is committed up to its last
+/// record), so a record with more new messages than that is one part.
+fn part_ends(changes: &[HistoryChange], targets: &[Target<'_>], max_fetches: usize) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut fetches = 0;
+    for (i, target) in targets.iter().enumerate() {
+        let fetch = matches!(target, Target::Fetch(_));
+        let new_record = i > 0 && changes[i].history_id != changes[i - 1].history_id;
+        if fetch && fetches >= max_fetches.max(1) && new_record {
+            ends.push(i);
+            fetches = 0;
+        }
+        fetches += usize::from(fetch);
+    }
+    ends.push(changes.len());
+    ends
 }
 
 struct Progress {
@@ -787,6 +884,38 @@ mod tests {
                 Target::None,
                 Target::None
             ]
+        );
+    }
+
+    #[test]
+    fn pages_are_cut_into_parts_between_records() {
+        use HistoryChangeKind::*;
+        let change = |h, kind, id: &str| HistoryChange {
+            history_id: HistoryId(h),
+            kind,
+            message_id: id.into(),
+            thread_id: "t".into(),
+            label_ids: vec![],
+        };
+        let changes = vec![
+            change(1, MessageAdded, "a"),
+            change(2, MessageAdded, "b"),
+            change(2, MessageAdded, "c"),
+            change(3, LabelsAdded, "a"),
+            change(4, MessageAdded, "d"),
+            change(5, MessageAdded, "e"),
+        ];
+        let targets = page_targets(&changes);
+        assert_eq!(part_ends(&changes, &targets, 50), vec![6]);
+        // Record 2's two messages stay together; label changes ride along.
+        assert_eq!(part_ends(&changes, &targets, 1), vec![1, 4, 5, 6]);
+        assert_eq!(part_ends(&changes, &targets, 2), vec![4, 6]);
+        assert_eq!(part_ends(&changes, &targets, 3), vec![4, 6]);
+        assert_eq!(part_ends(&[], &[], 3), vec![0]);
+        assert_eq!(
+            part_ends(&changes, &targets, 0),
+            vec![1, 4, 5, 6],
+            "0 means 1"
         );
     }
 

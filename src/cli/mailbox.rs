@@ -646,6 +646,10 @@ async fn resync(config: &Config, email: &str, json: bool) -> anyhow::Result<Done
             false,
             serde_json::json!({"mailbox": m.as_str(), "error": e.to_string(), "retryable": e.is_retryable()}),
         ),
+        SyncOutcome::Deferred(d) => (
+            false,
+            serde_json::json!({"mailbox": m.as_str(), "error": format!("the Gmail quota ({}) is spent for now: run the command again in {} s", d.reason.as_str(), d.after.as_secs().max(1)), "retryable": true}),
+        ),
         SyncOutcome::Held { error, .. } => (
             false,
             serde_json::json!({"mailbox": m.as_str(), "error": format!("{error} (not marked: check the credentials and scopes, then run the command again)"), "retryable": true}),

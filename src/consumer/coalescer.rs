@@ -108,6 +108,11 @@ pub enum SyncReport {
     Retryable {
         retry_after: Option<Duration>,
     },
+    /// The quota governor said wait (nothing held meanwhile: the sync gave its slot and lease
+    /// back): ask again after `after`. Not a failure: it uses no retry and is never nacked for.
+    Deferred {
+        after: Duration,
+    },
     /// Shutdown cut the sync short.
     Aborted,
 }
@@ -337,6 +342,10 @@ impl<A: Ack> Coalescer<A> {
                 }
                 Next::Retry(self.settings.busy_poll)
             }
+            // The waiters stay (the client keeps extending their message leases) and the sync
+            // is asked again when the governor said: never a nack loop, never dropped. A wait
+            // longer than the message lease lets Pub/Sub redeliver them, which is no loss.
+            SyncReport::Deferred { after } => Next::Retry(after),
             SyncReport::Retryable { retry_after } => {
                 state.retries += 1;
                 if state.retries > self.settings.max_retries {
@@ -722,6 +731,39 @@ mod tests {
         assert!(effects[0] >= Duration::from_secs(3), "Retry-After honoured");
         b.apply();
         assert_eq!(b.log(), vec!["ack:1", "ack:2"]);
+    }
+
+    #[test]
+    fn quota_deferrals_are_waited_out_never_nacked_and_use_no_retry() {
+        let mut b = Bed::with(CoalescerSettings {
+            max_retries: 0,
+            ..CoalescerSettings::default()
+        });
+        let m = Mailbox::parse("q@x.com").unwrap();
+        b.notify("q@x.com", 5);
+        assert_eq!(b.apply(), vec!["sync:5"]);
+        for _ in 0..20 {
+            b.notify("q@x.com", 6);
+            b.done(
+                "q@x.com",
+                SyncReport::Deferred {
+                    after: Duration::from_secs(7),
+                },
+            );
+            assert_eq!(retry_delays(&b.out), vec![Duration::from_secs(7)]);
+            assert_eq!(b.apply(), vec!["retry"]);
+            assert!(
+                b.log().is_empty(),
+                "neither acked nor nacked while deferred"
+            );
+            b.c.on_retry_due(&m, &mut b.out);
+            assert_eq!(b.apply(), vec!["sync:6"]);
+        }
+        // A real failure after the deferrals still has its (zero) retries: nacked.
+        b.done("q@x.com", SyncReport::Retryable { retry_after: None });
+        b.apply();
+        assert_eq!(b.log().len(), 21);
+        assert!(b.c.is_empty());
     }
 
     fn windowed() -> Bed {

@@ -327,6 +327,7 @@ fn report_of(outcome: SyncOutcome) -> SyncReport {
         SyncOutcome::NeedsAttention { .. } => SyncReport::NeedsAttention,
         SyncOutcome::Busy { cursor } => SyncReport::Busy { cursor },
         SyncOutcome::Failed(SyncError::Cancelled) => SyncReport::Aborted,
+        SyncOutcome::Deferred(d) => SyncReport::Deferred { after: d.after },
         // Not marked (yet): keep the notification, try again later.
         SyncOutcome::Held { retry_after, .. } => SyncReport::Retryable {
             retry_after: Some(retry_after),

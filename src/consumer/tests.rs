@@ -21,6 +21,8 @@ enum Step {
     Retryable {
         retry_after: Option<Duration>,
     },
+    /// The quota governor said wait this long.
+    Deferred(Duration),
     Panic,
 }
 
@@ -58,6 +60,7 @@ impl SyncRunner for FakeSyncs {
                 }
                 Step::Hang => std::future::pending().await,
                 Step::Retryable { retry_after } => SyncReport::Retryable { retry_after },
+                Step::Deferred(after) => SyncReport::Deferred { after },
                 Step::Panic => panic!("a sync panicked (on purpose, in a test)"),
             }
         };
@@ -306,6 +309,40 @@ async fn a_retry_after_is_honoured() {
         "retried too early: {starts:?}"
     );
     assert_eq!(bed.log(), vec!["ack:1"]);
+    bed.shutdown.cancel();
+    bed.finished().await;
+}
+
+/// A deferred sync is asked again exactly when the governor said, as many times as it says,
+/// without using the failure retries (here: none) and without a nack; the notifications that
+/// arrive meanwhile share the sync that finally runs.
+#[tokio::test(start_paused = true)]
+async fn quota_deferrals_wait_as_told_and_never_nack() {
+    let wait = Duration::from_secs(20);
+    let mut bed = Bed::start_with(
+        ConsumerSettings {
+            sync_retries: 0,
+            ..settings(GRACE)
+        },
+        vec![Step::Deferred(wait); 12],
+    );
+    bed.notify("1", "a@x.com", 5);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    bed.notify("2", "a@x.com", 7);
+    // 12 deferrals of 20 s: 240 s, far beyond what the failure retries would allow.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let starts = bed.sync_starts();
+    assert_eq!(starts.len(), 13, "{starts:?}");
+    for pair in starts.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= wait,
+            "asked again too early: {starts:?}"
+        );
+    }
+    assert_eq!(starts[12].1, 7, "the last sync covers both notifications");
+    let mut log = bed.log();
+    log.sort();
+    assert_eq!(log, vec!["ack:1", "ack:2"], "acked, never nacked");
     bed.shutdown.cancel();
     bed.finished().await;
 }

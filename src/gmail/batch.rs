@@ -41,6 +41,13 @@ impl GmailClient {
         ids: &[String],
         format: &MessageFormat,
     ) -> Result<Vec<FetchedMessage>, GmailError> {
+        // The whole batch paid in one go (one governor call); retried parts are not charged
+        // again (Gmail does not charge the answers that make a retry).
+        self.pay(
+            mailbox,
+            ids.len() as u64 * self.quota_units(Method::MessagesGet),
+        )
+        .await?;
         let mut results: Vec<Option<FetchedMessage>> = vec![None; ids.len()];
         let mut pending: Vec<usize> = (0..ids.len()).collect();
         let mut refreshed = false;
@@ -51,6 +58,7 @@ impl GmailClient {
             let mut still_pending = Vec::new();
             let mut retryable: Option<GmailError> = None;
             let mut retry_after: Option<Duration> = None;
+            let mut rate_limited: Option<GmailError> = None;
             let mut unauthorized = false;
             for chunk in pending.chunks(BATCH_MAX_CALLS) {
                 let targets: Vec<String> = chunk
@@ -70,6 +78,9 @@ impl GmailClient {
                         }
                         Err(Attempt::Failed(e)) if e.is_retryable() => {
                             retry_after = retry_after.max(e.retry_after());
+                            if matches!(e, GmailError::RateLimited { .. }) {
+                                rate_limited = Some(e.clone());
+                            }
                             retryable = Some(e);
                             still_pending.push(i);
                         }
@@ -80,6 +91,12 @@ impl GmailClient {
             pending = still_pending;
             if pending.is_empty() {
                 break;
+            }
+            // Governor on: a rate-limited part defers the whole sync rather than sleeping here.
+            if let Some(e) = &rate_limited
+                && let Some(deferred) = self.defer_rate_limit(mailbox, e).await
+            {
+                return Err(deferred);
             }
             if unauthorized {
                 if refreshed {

@@ -11,6 +11,8 @@
 
 mod batch;
 mod model;
+
+pub(crate) use batch::BATCH_MAX_CALLS;
 mod wire;
 
 pub use model::{
@@ -22,38 +24,23 @@ use crate::auth::{AccessToken, AuthError, TokenSource};
 use crate::config::GmailSettings;
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
+use crate::quota::{Budget, CostTable, Deferral, Governor, Payment};
 use crate::telemetry::{Counters, StatusClass};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The Gmail methods used, with their quota cost in units (Gmail API usage limits).
+/// The Gmail methods used; their quota cost is the configured table's
+/// ([`crate::quota::CostTable`], `GMAIL_SYNC_QUOTA_TABLE`, `GMAIL_SYNC_MESSAGES_GET_COST`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     GetProfile,
     HistoryList,
     MessagesList,
-    /// Its cost is configurable (`GMAIL_SYNC_MESSAGES_GET_COST`): see
-    /// [`GmailClient::quota_units`].
     MessagesGet,
     Watch,
     Stop,
-}
-
-impl Method {
-    /// The cost in Gmail's usage table (`messages.get`: 5; projects under the newer quota table
-    /// may pay more, hence the setting).
-    pub fn quota_units(self) -> u64 {
-        match self {
-            Method::GetProfile => 1,
-            Method::HistoryList => 2,
-            Method::MessagesList => 5,
-            Method::MessagesGet => 5,
-            Method::Watch => 100,
-            Method::Stop => 50,
-        }
-    }
 }
 
 /// What went wrong, and therefore what to do about it.
@@ -62,13 +49,19 @@ pub enum GmailError {
     /// `history.list` answered 404: the cursor is older than Gmail's history. Full resync.
     #[error("history before the cursor is no longer available (404)")]
     HistoryGone,
-    /// 429, or 403 `rateLimitExceeded` / `userRateLimitExceeded` / `dailyLimitExceeded`.
+    /// 429, or 403 `rateLimitExceeded` / `userRateLimitExceeded` / `dailyLimitExceeded`;
+    /// `budget` is what the answer says is exhausted (the governor blocks it).
     #[error("rate limited ({status} {reason})")]
     RateLimited {
         status: u16,
         reason: String,
         retry_after: Option<Duration>,
+        budget: Budget,
     },
+    /// Not sent: the quota governor says the budget is spent or blocked (a 429 fed back), so
+    /// the work gives its slot and lease back and comes again after the deferral.
+    #[error("deferred by the quota governor ({}) for {} ms", .0.reason.as_str(), .0.after.as_millis())]
+    Deferred(Deferral),
     /// 5xx, timeouts, connection failures.
     #[error("transient failure: {detail}")]
     Transient {
@@ -98,7 +91,9 @@ impl GmailError {
     /// Worth trying again later (after backoff)?
     pub fn is_retryable(&self) -> bool {
         match self {
-            GmailError::RateLimited { .. } | GmailError::Transient { .. } => true,
+            GmailError::RateLimited { .. }
+            | GmailError::Transient { .. }
+            | GmailError::Deferred(_) => true,
             GmailError::Auth(e) => e.is_retryable(),
             GmailError::HistoryGone
             | GmailError::WatchConflict
@@ -113,6 +108,7 @@ impl GmailError {
         match self {
             GmailError::HistoryGone => "404 history gone".into(),
             GmailError::RateLimited { status, reason, .. } => format!("{status} {reason}"),
+            GmailError::Deferred(d) => format!("deferred ({})", d.reason.as_str()),
             GmailError::Transient { detail, .. } => detail.clone(),
             GmailError::WatchConflict => "400 watch conflict".into(),
             GmailError::Unauthorized => "401 with a fresh token".into(),
@@ -143,6 +139,16 @@ impl GmailError {
         match self {
             GmailError::RateLimited { retry_after, .. }
             | GmailError::Transient { retry_after, .. } => *retry_after,
+            GmailError::Deferred(d) => Some(d.after),
+            _ => None,
+        }
+    }
+
+    /// The governor's deferral this error means, if it is one: a call it did not let out, or
+    /// (governor on) a rate-limit answer it turned into a block.
+    pub fn deferral(&self) -> Option<Deferral> {
+        match self {
+            GmailError::Deferred(d) => Some(*d),
             _ => None,
         }
     }
@@ -218,7 +224,9 @@ pub struct GmailClient {
     batch_url: reqwest::Url,
     tokens: Arc<dyn TokenSource>,
     max_attempts: u32,
-    messages_get_cost: u64,
+    costs: CostTable,
+    /// Every call pays the shared quota budgets first (off: no Redis call).
+    governor: Governor,
     counters: Arc<Counters>,
 }
 
@@ -245,17 +253,73 @@ impl GmailClient {
             batch_url,
             tokens,
             max_attempts: settings.max_attempts,
-            messages_get_cost: settings.messages_get_cost,
+            costs: settings.costs,
+            governor: Governor::off(),
             counters,
         })
     }
 
+    /// The same client, paying every call to `governor` (and feeding rate limits back to it).
+    pub fn with_governor(mut self, governor: Governor) -> GmailClient {
+        self.governor = governor;
+        self
+    }
+
+    /// The governor every call pays (off unless [`GmailClient::with_governor`]).
+    pub(crate) fn governor(&self) -> &Governor {
+        &self.governor
+    }
+
     /// What one call of `method` costs in quota units, as configured.
     pub fn quota_units(&self, method: Method) -> u64 {
-        match method {
-            Method::MessagesGet => self.messages_get_cost,
-            other => other.quota_units(),
+        self.costs.units(method)
+    }
+
+    /// Pays `units` for a call about to be sent (see [`Governor::pay`]); a deferral comes back
+    /// as [`GmailError::Deferred`] and nothing is sent.
+    async fn pay(&self, mailbox: &Mailbox, units: u64) -> Result<(), GmailError> {
+        match self.governor.pay(mailbox, units).await {
+            Ok(Payment::Paid) => Ok(()),
+            Ok(Payment::Wait(d)) => Err(GmailError::Deferred(d)),
+            Err(e) => Err(GmailError::Transient {
+                detail: e.to_string(),
+                retry_after: None,
+            }),
         }
+    }
+
+    /// With the governor on, a rate-limit answer is not slept on here (that would hold the
+    /// sync's slot and lease): it blocks its budget for every replica and becomes a deferral
+    /// of the whole work. Off: `None`, the caller retries as before.
+    async fn defer_rate_limit(&self, mailbox: &Mailbox, err: &GmailError) -> Option<GmailError> {
+        let GmailError::RateLimited {
+            budget,
+            retry_after,
+            ..
+        } = err
+        else {
+            return None;
+        };
+        if !self.governor.is_on() {
+            return None;
+        }
+        Some(
+            match self
+                .governor
+                .rate_limited(mailbox, *budget, *retry_after)
+                .await
+            {
+                Ok(d) => GmailError::Deferred(d),
+                // Not recorded: still a deferral of this work, only the others do not know.
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not feed a Gmail rate limit back to the quota governor");
+                    GmailError::Deferred(Deferral {
+                        after: crate::quota::policy::block_for(*budget, *retry_after),
+                        reason: crate::quota::WaitReason::Blocked(*budget),
+                    })
+                }
+            },
+        )
     }
 
     /// `{base}/gmail/v1/users/{mailbox}/{rest}`, built from the URL parsed once at startup
@@ -399,6 +463,8 @@ impl GmailClient {
         mailbox: &Mailbox,
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<T, GmailError> {
+        // Paid once per call: Gmail does not charge the answers that make a retry.
+        self.pay(mailbox, self.quota_units(method)).await?;
         let mut refreshed = false;
         let mut attempt = 0u32;
         loop {
@@ -417,6 +483,9 @@ impl GmailClient {
                 Err(Attempt::Unauthorized) => return Err(GmailError::Unauthorized),
                 Err(Attempt::Failed(e)) => e,
             };
+            if let Some(deferred) = self.defer_rate_limit(mailbox, &err).await {
+                return Err(deferred);
+            }
             if !err.is_retryable() || attempt >= self.max_attempts {
                 return Err(err);
             }
@@ -510,6 +579,7 @@ fn classify(
                 reason.into()
             },
             retry_after,
+            budget: crate::quota::policy::budget_of_rate_limit(s, reason, message),
         },
         403 if matches!(
             reason,
@@ -520,6 +590,7 @@ fn classify(
                 status: s,
                 reason: reason.into(),
                 retry_after,
+                budget: crate::quota::policy::budget_of_rate_limit(s, reason, message),
             }
         }
         408 | 500..=599 => GmailError::Transient {
@@ -567,7 +638,7 @@ mod tests {
             api_url: "http://127.0.0.1:9/base".into(),
             request_timeout: Duration::from_secs(1),
             max_attempts: 1,
-            messages_get_cost: 5,
+            costs: CostTable::of(crate::quota::QuotaTable::Classic),
         };
         let client = GmailClient::new(
             &settings,

@@ -25,8 +25,9 @@ mod policy;
 pub use policy::SchedulePolicy;
 
 use crate::failure_guard::Verdict;
-use crate::gmail::{GmailClient, GmailError, LabelFilter, Takeover, Watch};
+use crate::gmail::{GmailClient, GmailError, LabelFilter, Method, Takeover, Watch};
 use crate::mailbox::MailboxLogStyle;
+use crate::quota::{self, Admission, Deferral, Priority};
 use crate::store::{
     AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, Store, StoreError, now_ms,
 };
@@ -169,7 +170,33 @@ impl Scheduler {
             item.action,
             ClaimAction::Renew | ClaimAction::RenewAndFallbackSync
         ) {
-            match self.renew(item).await {
+            // A renewal draws from the same budgets as the syncs, at a lower priority; one
+            // that must wait gives its claim back with a new look time (no failure counted).
+            let cost = self.gmail.quota_units(Method::Watch);
+            let permit = match self
+                .gmail
+                .governor()
+                .admit(mailbox, Priority::Renewal, cost)
+                .await
+            {
+                Ok(Admission::Granted(permit)) => Some(permit),
+                Ok(Admission::Wait(d)) => {
+                    self.defer(item, claim, d).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(mailbox = %shown, error = %e, "quota governor unavailable; renewal retried later");
+                    None
+                }
+            };
+            let renewed = match &permit {
+                Some(_) => quota::within(Priority::Renewal, cost, self.renew(item)).await,
+                None => Err(GmailError::Transient {
+                    detail: "quota governor unavailable".into(),
+                    retry_after: None,
+                }),
+            };
+            match renewed {
                 Ok(watch) => {
                     Counters::inc(&self.counters.renewals);
                     self.syncer.guard().succeeded(mailbox);
@@ -178,6 +205,10 @@ impl Scheduler {
                         expiration_ms: watch.expiration_ms,
                         renew_at_s: self.policy.next_renewal_s(now_ms()),
                     };
+                }
+                Err(GmailError::Deferred(d)) => {
+                    self.defer(item, claim, d).await;
+                    return;
                 }
                 Err(e) if e.is_retryable() => {
                     Counters::inc(&self.counters.renewal_failures);
@@ -247,6 +278,12 @@ impl Scheduler {
                 SyncOutcome::Failed(e) => {
                     tracing::debug!(mailbox = %shown, error = %e, "fallback sync failed")
                 }
+                // Only when nothing else happened under the claim: a renewal just recorded
+                // must be finished as such (the fallback then comes back at the next tick).
+                SyncOutcome::Deferred(d) if outcome == FinishOutcome::Synced => {
+                    self.defer(item, claim, d).await;
+                    return;
+                }
                 _ => {}
             }
         }
@@ -270,6 +307,25 @@ impl Scheduler {
             Err(e) => {
                 tracing::warn!(mailbox = %shown, error = %e, "could not record scheduled work; its claim runs out and it is retried")
             }
+        }
+    }
+
+    /// Gives the claim back with the governor's wait as the next look (nothing else recorded).
+    async fn defer(&self, item: &Claimed, claim: &Claim, d: Deferral) {
+        tracing::debug!(
+            mailbox = %item.mailbox.for_log(self.log_style),
+            reason = d.reason.as_str(),
+            after_ms = d.after.as_millis() as u64,
+            "scheduled work deferred by the quota governor"
+        );
+        let outcome = FinishOutcome::Deferred { after: d.after };
+        let silence = self.policy.settings().fallback_silence;
+        if let Err(e) = self
+            .store
+            .finish(&item.mailbox, claim, outcome, silence, 0)
+            .await
+        {
+            tracing::warn!(error = %e, "could not record a deferral; the claim runs out and the work is retried");
         }
     }
 

@@ -1,9 +1,9 @@
 -- finish: record what the scheduler did under its claim, reschedule the mailbox, drop the claim.
 -- KEYS[1] mailbox state hash, KEYS[2] the shard's schedule zset, KEYS[3] the claim key,
 -- KEYS[4] the shard's renewal-failing zset
--- ARGV[1] claimer identity, ARGV[2] mailbox, ARGV[3] outcome: renewed | renew_failed | done,
--- ARGV[4] watch expiration (epoch s; renewed), ARGV[5] next renewal (epoch s) when renewed,
--- the retry base (ms) when renew_failed, ARGV[6] silence ms, ARGV[7] fallback jitter ms,
+-- ARGV[1] claimer identity, ARGV[2] mailbox, ARGV[3] outcome: renewed | renew_failed | done |
+-- deferred, ARGV[4] watch expiration (epoch s; renewed), ARGV[5] next renewal (epoch s) when
+-- renewed, the retry base (ms) when renew_failed, the wait (ms) when deferred, ARGV[6] silence ms, ARGV[7] fallback jitter ms,
 -- ARGV[8] now (epoch ms), ARGV[9] retry cap (ms) when renew_failed
 -- Returns ok | lost (the claim ran out; nothing written) | gone (removed meanwhile)
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 'lost' end
@@ -12,6 +12,13 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'gone'
 end
 local m = ARGV[2]
+if ARGV[3] == 'deferred' then
+  -- The quota governor said wait: look again then; nothing about the mailbox changes (no
+  -- failure counted, the renewal and fallback times stay).
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[8]) + tonumber(ARGV[5]), m)
+  redis.call('DEL', KEYS[3])
+  return 'ok'
+end
 if ARGV[3] == 'renewed' then
   -- Renewal never touches the cursor.
   redis.call('HSET', KEYS[1], 'watch', ARGV[4], 'renew', ARGV[5])

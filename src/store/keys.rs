@@ -85,6 +85,28 @@ impl KeyLayout {
         self.credentials(self.shard_of(mailbox))
     }
 
+    /// A user's quota window (`store::quota`): bucket → units of the last minute, and `b` =
+    /// blocked until (a per-user rate limit); expires a minute after its last charge.
+    pub fn quota_user(&self, mailbox: &Mailbox) -> String {
+        format!("{}:quota:{}", self.tag(self.shard_of(mailbox)), mailbox)
+    }
+
+    /// A user's syncs and renewals in flight: a zset of slot tokens scored by their expiry.
+    pub fn in_flight(&self, mailbox: &Mailbox) -> String {
+        format!("{}:inflight:{}", self.tag(self.shard_of(mailbox)), mailbox)
+    }
+
+    /// The project's quota window of the last minute, under one hash tag of its own
+    /// (`{PREFIX:quota}`): every replica's charges meet in it.
+    pub fn quota_project_minute(&self) -> String {
+        format!("{{{}:quota}}:minute", self.prefix)
+    }
+
+    /// The project's quota window of the last 24 hours (hour buckets), same tag.
+    pub fn quota_project_day(&self) -> String {
+        format!("{{{}:quota}}:day", self.prefix)
+    }
+
     pub fn shards(&self) -> u32 {
         self.shards
     }
@@ -116,10 +138,14 @@ mod tests {
             k.renewal_failing_of(&m),
             k.claim(&m),
             k.credentials_of(&m),
+            k.quota_user(&m),
+            k.in_flight(&m),
         ] {
             assert!(key.starts_with(&tag), "{key}");
         }
         assert_eq!(k.streams().len(), 16);
         assert_eq!(k.quarantine(), "{gs}:quarantine");
+        assert!(k.quota_project_minute().starts_with("{gs:quota}"));
+        assert!(k.quota_project_day().starts_with("{gs:quota}"));
     }
 }

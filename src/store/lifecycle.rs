@@ -89,6 +89,10 @@ pub enum FinishOutcome {
     },
     /// A fallback sync ran (whatever its result); only the schedule moves.
     Synced,
+    /// The quota governor deferred the work: look again after this long, nothing else moves.
+    Deferred {
+        after: Duration,
+    },
 }
 
 /// What failed for good, written with the lifecycle entry.
@@ -345,6 +349,7 @@ impl Store {
                 (retry_base.as_millis() as u64, retry_cap.as_millis() as u64),
             ),
             FinishOutcome::Synced => ("done", 0, (0, 0)),
+            FinishOutcome::Deferred { after } => ("deferred", 0, (after.as_millis() as u64, 0)),
         };
         let reply: String = self
             .conn

@@ -21,6 +21,9 @@
 //! Field names are short and times in seconds on purpose: an idle mailbox (state hash plus its
 //! schedule entry) stays within 300 bytes of Redis memory (300 B measured by
 //! `examples/scheduler.rs` with 100,000 mailboxes on Redis 7.0).
+//! | `{P:sN}:quota:EMAIL` | hash | the user's quota window: bucket number (epoch s) → units charged in that second, `b` = blocked until (epoch ms) after a per-user rate limit; expires a minute after the last charge (`quota`) |
+//! | `{P:sN}:inflight:EMAIL` | zset | slot tokens of the user's syncs and renewals in flight, scored by expiry (epoch ms) |
+//! | `{P:quota}:minute`, `{P:quota}:day` | hash | the project's quota windows (second buckets of the last minute, hour buckets of the last 24 h), `b` = blocked until |
 //! | `{P}:quarantine` | stream | rejected notifications (malformed, or ahead of Gmail's history for too long), every field bounded (see [`quarantine`]): `reason`, `data` (the payload's first 256 bytes), `data_len`, `message_id`, `publish_time`, `received_at` |
 
 mod connection;
@@ -29,6 +32,7 @@ mod keys;
 mod lease;
 mod lifecycle;
 pub mod quarantine;
+mod quota;
 mod schema;
 
 pub use connection::{RedisConnection, install_crypto_provider, single_client};
@@ -40,6 +44,7 @@ pub use lifecycle::{
     MailboxStatus, WatchPlan,
 };
 pub use quarantine::Quarantined;
+pub use quota::{ChargeMode, ChargeReply, QuotaKey, SlotRequest, WindowCharge};
 pub use schema::{ChangeEntry, ChangeKind, ResyncReason, SCHEMA_VERSION};
 
 use crate::config::{RedisTarget, StoreSettings};

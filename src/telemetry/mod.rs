@@ -185,7 +185,7 @@ counters! {
     sync_errors_permanent,
     /// Gmail HTTP requests sent (including retries).
     gmail_calls,
-    /// Gmail quota units spent (at the costs of `gmail::Method::quota_units`).
+    /// Gmail quota units spent (at the costs of the configured `quota::CostTable`).
     gmail_quota_units,
     /// Gmail answers 429 / 403 rate limits.
     gmail_rate_limited,
@@ -212,6 +212,24 @@ counters! {
     /// Gauge: registered mailboxes needing attention, in all shards (read by the scheduler
     /// with the expiring watches).
     mailboxes_attention,
+    /// Quota governor: admissions and charges that fit the shared budgets.
+    quota_granted,
+    /// Deferred by the governor because the user's minute budget is spent.
+    quota_deferred_user,
+    /// Deferred because the user's in-flight slots are taken.
+    quota_deferred_in_flight,
+    /// Deferred because the project's minute or day budget is spent.
+    quota_deferred_project,
+    /// Deferred because a Gmail rate-limit answer blocked the budget.
+    quota_deferred_blocked,
+    /// Deferrals of notification-driven syncs (the same deferrals, by priority).
+    quota_deferred_notification,
+    /// Deferrals of watch renewals.
+    quota_deferred_renewal,
+    /// Deferrals of fallback syncs.
+    quota_deferred_fallback,
+    /// Gmail rate-limit answers fed back to the governor as blocks.
+    quota_blocks,
 }
 
 impl Counters {
@@ -492,6 +510,11 @@ pub fn log_summary(counters: &Counters, message: &str) {
         fallback_changes = s.fallback_changes,
         watches_expiring_soon = s.watches_expiring_soon,
         mailboxes_attention = s.mailboxes_attention,
+        // tracing takes at most 32 fields: the governor's deferrals as one sum (the counters
+        // by reason and priority are in the snapshot).
+        quota_deferred =
+            s.quota_deferred_notification + s.quota_deferred_renewal + s.quota_deferred_fallback,
+        quota_blocks = s.quota_blocks,
         ack_latency_p50_ms = ms(&counters.ack_latency, 0.5),
         ack_latency_p99_ms = ms(&counters.ack_latency, 0.99),
         handling_latency_p50_ms = ms(&counters.handling_latency, 0.5),

@@ -56,6 +56,8 @@ const ACK_REASON: &str = "gmail_sync.ack.reason";
 const QUARANTINE_REASON: &str = "gmail_sync.quarantine.reason";
 const SYNC_OUTCOME: &str = "gmail_sync.sync.outcome";
 const RENEWAL_OUTCOME: &str = "gmail_sync.renewal.outcome";
+const QUOTA_REASON: &str = "gmail_sync.quota.reason";
+const QUOTA_PRIORITY: &str = "gmail_sync.quota.priority";
 const GMAIL_METHOD: &str = "gmail.method";
 const STATUS_CLASS: &str = "http.response.status_class";
 
@@ -441,6 +443,49 @@ fn register(meter: &Meter, counters: &Arc<Counters>) -> Recorders {
         "{sync}",
         "Sync attempts that found the mailbox leased by another worker (lease contention)",
         |c, o| o.observe(load(&c.lease_busy), &[]),
+    );
+    counter(
+        "gmail_sync.quota.admissions",
+        "{admission}",
+        "Quota governor admissions and charges that fit the shared budgets",
+        |c, o| o.observe(load(&c.quota_granted), &[]),
+    );
+    counter(
+        "gmail_sync.quota.deferrals",
+        "{deferral}",
+        "Work the quota governor deferred, by the budget that was spent (user minute, user \
+         in-flight slots, project minute or day, a Gmail rate-limit block)",
+        |c, o| {
+            for (reason, n) in [
+                ("user", &c.quota_deferred_user),
+                ("in_flight", &c.quota_deferred_in_flight),
+                ("project", &c.quota_deferred_project),
+                ("blocked", &c.quota_deferred_blocked),
+            ] {
+                o.observe(load(n), &[KeyValue::new(QUOTA_REASON, reason)]);
+            }
+        },
+    );
+    counter(
+        "gmail_sync.quota.deferrals_by_priority",
+        "{deferral}",
+        "The same deferrals by the work deferred: notification-driven syncs, renewals, fallback \
+         syncs",
+        |c, o| {
+            for (priority, n) in [
+                ("notification", &c.quota_deferred_notification),
+                ("renewal", &c.quota_deferred_renewal),
+                ("fallback", &c.quota_deferred_fallback),
+            ] {
+                o.observe(load(n), &[KeyValue::new(QUOTA_PRIORITY, priority)]);
+            }
+        },
+    );
+    counter(
+        "gmail_sync.quota.blocks",
+        "{block}",
+        "Gmail rate-limit answers fed back to the governor as a block of a budget for every replica",
+        |c, o| o.observe(load(&c.quota_blocks), &[]),
     );
     counter(
         "gmail_sync.resyncs",

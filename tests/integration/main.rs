@@ -7,7 +7,7 @@
 //! `redis_tls` (TLS and logins); the commit script directly: `store`; the real binary as
 //! processes: `processes`, and its health probes: `health`; refresh tokens sealed at rest and key
 //! rotation: `vault`; real Gmail credentials: `credentials`; metrics over OTLP to a loopback
-//! receiver: `metrics`.
+//! receiver: `metrics`; the quota governor shared by worker processes: `quota`.
 
 mod ack_and_commit;
 mod bad_input;
@@ -22,6 +22,7 @@ mod health;
 mod lifecycle;
 mod metrics;
 mod processes;
+mod quota;
 mod redis_faults;
 mod redis_tls;
 mod resync;

@@ -27,6 +27,10 @@ const INSTRUMENTS: &[&str] = &[
     "gmail_sync.gmail.rate_limited",
     "gmail_sync.lease.busy",
     "gmail_sync.resyncs",
+    "gmail_sync.quota.admissions",
+    "gmail_sync.quota.deferrals",
+    "gmail_sync.quota.deferrals_by_priority",
+    "gmail_sync.quota.blocks",
     "gmail_sync.scheduler.renewals",
     "gmail_sync.scheduler.fallback_syncs",
     "gmail_sync.watch.expiring",
@@ -114,6 +118,11 @@ async fn instruments_arrive_at_a_local_receiver_with_the_workers_own_values() {
         s.syncs as f64
     );
     assert_eq!(value("gmail_sync.mailboxes.attention", &[]), 0.0);
+    assert!(s.quota_granted > 0, "the governor admitted nothing: {s:?}");
+    assert_eq!(
+        value("gmail_sync.quota.admissions", &[]),
+        s.quota_granted as f64
+    );
 
     // Gmail calls by method and answer class, quota units by method: as counted.
     let calls = counters.gmail.calls();

@@ -5,8 +5,8 @@ use gmail_sync_testbed::gmail::fixtures::{
     GMAIL_METADATA_SCOPE, SERVICE_ACCOUNT_EMAIL, sign_delegation_jwt,
 };
 use gmail_sync_testbed::gmail::{
-    CallEntry, ChangeKind, Endpoint, FaultAction, FaultRule, GmailSim, Ledger, LedgerEntry,
-    NotificationOutcome, QuotaConfig, QuotaErrorStyle, SimConfig,
+    CallEntry, ChangeKind, CostTable, Endpoint, FaultAction, FaultRule, GmailSim, Ledger,
+    LedgerEntry, NotificationOutcome, QuotaConfig, QuotaErrorStyle, SimConfig,
 };
 use gmail_sync_testbed::keys::ServiceAccount;
 use gmail_sync_testbed::pubsub;
@@ -884,6 +884,73 @@ async fn quota_per_user_and_project() {
     assert_eq!(
         get(&sim, TOKEN, &users(B, "profile"), &[]).await.status,
         200
+    );
+}
+
+/// The 2026 table: `messages.get` costs 20; the project's day budget answers 403
+/// `dailyLimitExceeded` (either style); the per-user 429 says "User-rate limit exceeded".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_table_2026_and_the_daily_project_budget() {
+    let sim = GmailSim::start(SimConfig {
+        quota: QuotaConfig {
+            per_user_per_minute: Some(30),
+            per_project_per_day: Some(45),
+            table: CostTable::Y2026,
+            ..QuotaConfig::default()
+        },
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    sim.add_mailbox(A);
+    sim.add_mailbox(B);
+    let id = sim.deliver(A, &["INBOX"]);
+    let get_message = |who: &'static str, id: String| {
+        let sim = sim.clone();
+        async move {
+            get(
+                &sim,
+                TOKEN,
+                &users(who, &format!("messages/{id}")),
+                &[("format", "minimal")],
+            )
+            .await
+        }
+    };
+    assert_eq!(get_message(A, id.to_string()).await.status, 200);
+    assert_eq!(sim.quota_used(A), 20);
+    // 20 + 20 > 30: the user's minute.
+    let r = get_message(A, id.to_string()).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body["error"]["errors"][0]["reason"], "rateLimitExceeded");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("User-rate limit exceeded.")
+    );
+    // B: 20 more (40 of the day's 45), then the day is spent for everyone.
+    let h = sim.current_history_id(B).to_string();
+    for _ in 0..10 {
+        history(&sim, B, &[("startHistoryId", &h)]).await;
+    }
+    // 40 + 5 × 1: the rest of the day's 45.
+    for _ in 0..5 {
+        assert_eq!(
+            get(&sim, TOKEN, &users(B, "profile"), &[]).await.status,
+            200
+        );
+    }
+    let r = get(&sim, TOKEN, &users(B, "profile"), &[]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body["error"]["errors"][0]["reason"], "dailyLimitExceeded");
+    assert!(r.headers.contains_key("retry-after"));
+    let ledger = sim.ledger();
+    assert_eq!(ledger.quota_units(), 45);
+    assert_eq!(
+        ledger.calls_to(Endpoint::MessagesGet)[0].cost,
+        20,
+        "charged at the 2026 table's cost"
     );
 }
 

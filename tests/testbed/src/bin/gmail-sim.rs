@@ -25,7 +25,9 @@ OPTIONS:
   --quota-user N                units per user per minute (default: unlimited)
   --quota-project N             units per project per minute (default: unlimited)
   --max-concurrent N            calls in flight per user (default: unlimited)
+  --quota-project-day N         units per project per 24 h (default: unlimited)
   --gmail-quota                 Gmail's limits: 15000/user/min, 1200000/project/min, 10 concurrent
+  --gmail-quota-2026            Gmail's 2026 table: 6000/user/min, 80M/project/day, messages.get 20
   --quota-403                   answer quota refusals 403 (userRateLimitExceeded) instead of 429
   --token-lifetime-secs N       access token lifetime (default 3600)
   --retention-secs N            drop history older than N seconds (default: keep)
@@ -113,7 +115,9 @@ fn parse_args() -> anyhow::Result<(SimConfig, StartMailboxes)> {
             "--quota-user" => cfg.quota.per_user_per_minute = Some(val()?.parse()?),
             "--quota-project" => cfg.quota.per_project_per_minute = Some(val()?.parse()?),
             "--max-concurrent" => cfg.quota.max_concurrent_per_user = Some(val()?.parse()?),
+            "--quota-project-day" => cfg.quota.per_project_per_day = Some(val()?.parse()?),
             "--gmail-quota" => cfg.quota = QuotaConfig::gmail(),
+            "--gmail-quota-2026" => cfg.quota = QuotaConfig::gmail_2026(),
             "--quota-403" => cfg.quota_error_style = QuotaErrorStyle::Forbidden,
             "--token-lifetime-secs" => cfg.token_lifetime = Duration::from_secs(val()?.parse()?),
             "--retention-secs" => {

@@ -10,8 +10,26 @@ pub struct QuotaConfig {
     pub per_user_per_minute: Option<u64>,
     /// Units per project per sliding 60 s window (Gmail: 1,200,000).
     pub per_project_per_minute: Option<u64>,
+    /// Units per project per sliding 24 h (Gmail: 80,000,000 for projects created from May
+    /// 2026; none before). Refused with 403 `dailyLimitExceeded` in either error style.
+    pub per_project_per_day: Option<u64>,
     /// Calls in flight per user (Gmail answers 429 above ~10).
     pub max_concurrent_per_user: Option<u32>,
+    /// Which of Gmail's cost tables the simulated project is under.
+    pub table: CostTable,
+}
+
+/// Gmail's two quota tables' method costs (shared/reference/apis.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CostTable {
+    /// Projects that used the API before May 2026: `messages.get` 5.
+    #[default]
+    #[serde(rename = "classic")]
+    Classic,
+    /// Projects created from May 2026: `messages.get` 20 (`history.list`, `messages.list`,
+    /// `getProfile` unchanged; `watch` and `stop` were not published: kept).
+    #[serde(rename = "2026")]
+    Y2026,
 }
 
 impl QuotaConfig {
@@ -20,7 +38,27 @@ impl QuotaConfig {
         QuotaConfig {
             per_user_per_minute: Some(15_000),
             per_project_per_minute: Some(1_200_000),
+            per_project_per_day: None,
             max_concurrent_per_user: Some(10),
+            table: CostTable::Classic,
+        }
+    }
+
+    /// Gmail's published limits for projects created from May 2026.
+    pub fn gmail_2026() -> Self {
+        QuotaConfig {
+            per_user_per_minute: Some(6_000),
+            per_project_per_day: Some(80_000_000),
+            table: CostTable::Y2026,
+            ..QuotaConfig::gmail()
+        }
+    }
+
+    /// Units one call of `endpoint` costs under this table.
+    pub fn cost(&self, endpoint: super::Endpoint) -> u64 {
+        match (self.table, endpoint) {
+            (CostTable::Y2026, super::Endpoint::MessagesGet) => 20,
+            _ => endpoint.cost(),
         }
     }
 }

@@ -14,7 +14,7 @@
 //! | `POST /_sim/mailboxes/{email}/expire` | `{"upTo"?}` → `{"horizon"}` |
 //! | `GET /_sim/ledger?from=N` | → `{"entries":[..],"next":M}` |
 //! | `GET/POST/DELETE /_sim/faults`, `DELETE /_sim/faults/{id}` | `FaultRule` JSON → `{"id"}` |
-//! | `POST /_sim/quota` | `{"perUserPerMinute"?,"perProjectPerMinute"?,"maxConcurrentPerUser"?,"style"?: "tooManyRequests"\|"forbidden"}` |
+//! | `POST /_sim/quota` | `{"perUserPerMinute"?,"perProjectPerMinute"?,"perProjectPerDay"?,"maxConcurrentPerUser"?,"table"?: "classic"\|"2026","style"?: "tooManyRequests"\|"forbidden"}` |
 //! | `POST /_sim/notify` | `{"dropProbability"?,"delayMs"?:[lo,hi],"historyIdAsNumber"?}` |
 //! | `POST /_sim/watch` | `{"processingMs"?}` (`SimConfig::watch_processing`) → `{"processingMs"}` |
 //! | `POST /_sim/tokens/refresh` | `{"token","email"}`; `POST /_sim/tokens/refresh/revoke` `{"token"}` |

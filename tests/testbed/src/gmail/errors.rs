@@ -131,12 +131,29 @@ impl ApiError {
     /// A rate-limit refusal: 429 `rateLimitExceeded`, or 403 `userRateLimitExceeded` /
     /// `rateLimitExceeded`, with `Retry-After` and "Retry after <ISO time>" in the message.
     pub fn rate_limited(code: u16, reason: &str, retry_after: u64) -> Self {
-        let when = iso_time(SystemTime::now() + Duration::from_secs(retry_after));
-        let what = if reason == "userRateLimitExceeded" {
-            "User-rate limit exceeded."
-        } else {
-            "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'."
+        let what = match reason {
+            "userRateLimitExceeded" => "User-rate limit exceeded.",
+            "dailyLimitExceeded" => {
+                "Quota exceeded for quota metric 'Queries' and limit 'Queries per day'."
+            }
+            _ => "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'.",
         };
+        Self::rate_limited_saying(code, reason, what, retry_after)
+    }
+
+    /// The per-user minute spent, as Gmail's 429 says it: reason `rateLimitExceeded`, message
+    /// "User-rate limit exceeded.  Retry after <time>".
+    pub fn user_rate_limited(code: u16, retry_after: u64) -> Self {
+        Self::rate_limited_saying(
+            code,
+            "rateLimitExceeded",
+            "User-rate limit exceeded.",
+            retry_after,
+        )
+    }
+
+    fn rate_limited_saying(code: u16, reason: &str, what: &str, retry_after: u64) -> Self {
+        let when = iso_time(SystemTime::now() + Duration::from_secs(retry_after));
         ApiError::new(
             code,
             "usageLimits",

@@ -68,7 +68,7 @@
 //!
 //! # Not modelled
 //! `q` search, threads/labels/drafts endpoints, methods other than `messages.get` inside batch
-//! requests, message bodies (`full`/`raw` answer like `metadata`; headers: [`metadata`]), scopes (any token may call any endpoint), the daily project quota,
+//! requests, message bodies (`full`/`raw` answer like `metadata`; headers: [`metadata`]), scopes (any token may call any endpoint), Google's daily reset (the daily project quota is a sliding 24 h),
 //! checking that the watch topic exists or grants publish to Gmail (a missing topic shows as a
 //! `Failed` notification in the ledger), push delivery via HTTPS push subscriptions, the
 //! minutes-long delay before `stop` takes effect (it is immediate here), several developer
@@ -92,7 +92,7 @@ pub(crate) mod server;
 pub mod state;
 pub(crate) mod wire;
 
-pub use config::{IamSigner, QuotaConfig, QuotaErrorStyle, SimConfig};
+pub use config::{CostTable, IamSigner, QuotaConfig, QuotaErrorStyle, SimConfig};
 pub use errors::{ApiError, OAuthError};
 pub use faults::{FaultAction, FaultId, FaultRule};
 pub use ledger::{

@@ -1,23 +1,39 @@
 //! Quota accounting: units per user and per project in a sliding 60 s window (one bucket per
-//! second), and calls in flight per user.
+//! second), per project in a sliding 24 h window, and calls in flight per user.
 
 use super::config::QuotaConfig;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 const WINDOW_SECS: u64 = 60;
+const DAY_SECS: u64 = 86_400;
 
-/// A sliding 60 s window of per-second buckets.
-#[derive(Debug, Default)]
+/// A sliding window of per-second buckets (`span` seconds: 60, or a day).
+#[derive(Debug)]
 struct Window {
+    span: u64,
     buckets: VecDeque<(u64, u64)>,
     total: u64,
 }
 
+impl Default for Window {
+    fn default() -> Self {
+        Window::of(WINDOW_SECS)
+    }
+}
+
 impl Window {
+    fn of(span: u64) -> Window {
+        Window {
+            span,
+            buckets: VecDeque::new(),
+            total: 0,
+        }
+    }
+
     fn expire(&mut self, now_sec: u64) {
         while let Some(&(sec, units)) = self.buckets.front() {
-            if sec + WINDOW_SECS > now_sec {
+            if sec + self.span > now_sec {
                 break;
             }
             self.total -= units;
@@ -31,10 +47,10 @@ impl Window {
         for &(sec, units) in &self.buckets {
             total -= units;
             if total + cost <= limit {
-                return (sec + WINDOW_SECS).saturating_sub(now_sec).max(1);
+                return (sec + self.span).saturating_sub(now_sec).max(1);
             }
         }
-        WINDOW_SECS
+        self.span
     }
 
     fn add(&mut self, now_sec: u64, units: u64) {
@@ -53,6 +69,8 @@ pub(crate) enum QuotaRefusal {
     User(u64),
     /// Per-project units; retry after n seconds.
     Project(u64),
+    /// Per-project units of the day; retry after n seconds.
+    ProjectDay(u64),
     /// Too many concurrent requests for the user.
     Concurrency,
 }
@@ -63,6 +81,7 @@ pub(crate) struct Quota {
     epoch: Instant,
     users: HashMap<String, Window>,
     project: Window,
+    project_day: Window,
     in_flight: HashMap<String, u32>,
 }
 
@@ -73,8 +92,14 @@ impl Quota {
             epoch: Instant::now(),
             users: HashMap::new(),
             project: Window::default(),
+            project_day: Window::of(DAY_SECS),
             in_flight: HashMap::new(),
         }
+    }
+
+    /// Units one call of `endpoint` costs under the configured table.
+    pub fn cost(&self, endpoint: super::Endpoint) -> u64 {
+        self.cfg.cost(endpoint)
     }
 
     pub fn set_config(&mut self, cfg: QuotaConfig) {
@@ -110,6 +135,7 @@ impl Quota {
     pub fn charge(&mut self, user: &str, cost: u64) -> Result<(), QuotaRefusal> {
         let now_sec = self.epoch.elapsed().as_secs();
         self.project.expire(now_sec);
+        self.project_day.expire(now_sec);
         let window = self.users.entry(user.to_string()).or_default();
         window.expire(now_sec);
         if let Some(limit) = self.cfg.per_user_per_minute
@@ -124,8 +150,16 @@ impl Quota {
                 self.project.retry_after(now_sec, cost, limit),
             ));
         }
+        if let Some(limit) = self.cfg.per_project_per_day
+            && self.project_day.total + cost > limit
+        {
+            return Err(QuotaRefusal::ProjectDay(
+                self.project_day.retry_after(now_sec, cost, limit),
+            ));
+        }
         window.add(now_sec, cost);
         self.project.add(now_sec, cost);
+        self.project_day.add(now_sec, cost);
         Ok(())
     }
 
@@ -142,5 +176,6 @@ impl Quota {
     pub fn reset(&mut self) {
         self.users.clear();
         self.project = Window::default();
+        self.project_day = Window::of(DAY_SECS);
     }
 }

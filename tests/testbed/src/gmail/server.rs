@@ -221,18 +221,21 @@ pub(super) async fn gate_in_batch(
             }
         }
     }
-    let cost = endpoint.cost();
-    let (refusal, style) = {
+    let (refusal, style, cost) = {
         let mut q = inner.quota.lock().expect("quota");
+        let cost = q.cost(endpoint);
         (
             q.charge(&email, cost).err(),
             inner.knobs.lock().expect("knobs").quota_style,
+            cost,
         )
     };
     if let Some(r) = refusal {
         let e = match (r, style) {
+            // Gmail's 429 for the per-user minute says "User-rate limit exceeded" (field
+            // reports); only the 403 style has a reason of its own for it.
             (QuotaRefusal::User(s), QuotaErrorStyle::TooManyRequests) => {
-                ApiError::rate_limited(429, "rateLimitExceeded", s)
+                ApiError::user_rate_limited(429, s)
             }
             (QuotaRefusal::User(s), QuotaErrorStyle::Forbidden) => {
                 ApiError::rate_limited(403, "userRateLimitExceeded", s)
@@ -242,6 +245,9 @@ pub(super) async fn gate_in_batch(
             }
             (QuotaRefusal::Project(s), QuotaErrorStyle::Forbidden) => {
                 ApiError::rate_limited(403, "rateLimitExceeded", s)
+            }
+            (QuotaRefusal::ProjectDay(s), _) => {
+                ApiError::rate_limited(403, "dailyLimitExceeded", s)
             }
             (QuotaRefusal::Concurrency, _) => ApiError::too_many_concurrent(),
         };

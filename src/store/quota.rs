@@ -1,0 +1,248 @@
+//! The quota governor's shared state (`quota` decides, this module keeps count): sliding-window
+//! budgets in hashes of per-bucket unit counts, an in-flight zset per user, and blocks from
+//! Gmail's rate-limit answers. Three scripts: `quota_charge` (check + charge + slot, one step),
+//! `quota_refund`, `quota_block`; the slot release is one `ZREM`.
+//!
+//! Hash slots: a user's window and in-flight keys carry the mailbox's shard tag, the project's
+//! windows one tag of their own (`{PREFIX:quota}`), so on a cluster a charge that spans both is
+//! two script calls — the user's first (the budget that refuses most often), then the
+//! project's, refunding the user's if the project refuses. On a single Redis it is one call.
+
+use super::{Store, StoreError};
+use crate::mailbox::Mailbox;
+use crate::store::RedisConnection;
+use redis::Script;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("quota_charge.lua")));
+static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("quota_refund.lua")));
+static BLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("quota_block.lua")));
+
+/// Which budget's window a charge or a block addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaKey<'a> {
+    /// One user's units (and the block of a per-user rate limit).
+    User(&'a Mailbox),
+    ProjectMinute,
+    ProjectDay,
+}
+
+/// One sliding window to check and charge.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowCharge<'a> {
+    pub key: QuotaKey<'a>,
+    /// The most units the window may hold after the charge (ignored when recording).
+    pub limit: u64,
+    pub span: Duration,
+    pub bucket: Duration,
+}
+
+/// An in-flight slot to take with the charge: `token` in the user's zset for at most `ttl`.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotRequest<'a> {
+    pub mailbox: &'a Mailbox,
+    pub token: &'a str,
+    pub cap: u32,
+    pub ttl: Duration,
+}
+
+/// Whether a charge may be refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChargeMode {
+    /// Refuse (write nothing) when a window is spent or blocked, or the slots are taken.
+    Admit,
+    /// Count the units whatever the windows hold (calls already made or not governed).
+    Record,
+}
+
+/// What a charge did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChargeReply {
+    Charged,
+    /// `windows[index]`'s budget is spent; it has room again after `wait`.
+    Spent {
+        index: usize,
+        wait: Duration,
+    },
+    /// `windows[index]` is blocked by a rate-limit answer for `wait` more.
+    Blocked {
+        index: usize,
+        wait: Duration,
+    },
+    /// The user's in-flight slots are all taken (when one frees is not known).
+    InFlight,
+}
+
+impl Store {
+    /// Checks and charges `units` to every window (all or nothing) and takes `slot` if given.
+    /// Windows and slot may span two hash slots (a user's, the project's): see the module.
+    pub async fn quota_charge(
+        &self,
+        units: u64,
+        windows: &[WindowCharge<'_>],
+        slot: Option<SlotRequest<'_>>,
+        mode: ChargeMode,
+    ) -> Result<ChargeReply, StoreError> {
+        let split = matches!(self.conn, RedisConnection::Cluster(_));
+        let user: Vec<usize> = (0..windows.len())
+            .filter(|&i| matches!(windows[i].key, QuotaKey::User(_)))
+            .collect();
+        let project: Vec<usize> = (0..windows.len())
+            .filter(|&i| !matches!(windows[i].key, QuotaKey::User(_)))
+            .collect();
+        if !split || user.is_empty() || project.is_empty() {
+            let all: Vec<usize> = (0..windows.len()).collect();
+            return self
+                .charge_group(units, windows, &all, slot, mode)
+                .await
+                .map(|(reply, _)| reply);
+        }
+        let (reply, at) = self.charge_group(units, windows, &user, slot, mode).await?;
+        if reply != ChargeReply::Charged {
+            return Ok(reply);
+        }
+        let (reply, _) = self
+            .charge_group(units, windows, &project, None, mode)
+            .await?;
+        if reply != ChargeReply::Charged {
+            // Best effort: a refund that fails leaves the user's window over-counted, which
+            // only makes the governor stricter until the units leave the window.
+            let _ = self.refund_group(units, at, windows, &user, slot).await;
+        }
+        Ok(reply)
+    }
+
+    /// Gives an in-flight slot back.
+    pub async fn quota_release(&self, mailbox: &Mailbox, token: &str) -> Result<(), StoreError> {
+        let key = self.keys.in_flight(mailbox);
+        let _: i64 = self
+            .conn
+            .retrying(|mut c| {
+                let mut cmd = redis::cmd("ZREM");
+                cmd.arg(&key).arg(token);
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Blocks the budget of `key` for `duration` (a later block already there is kept).
+    pub async fn quota_block(
+        &self,
+        key: QuotaKey<'_>,
+        duration: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.window_key(key);
+        let _: i64 = self
+            .conn
+            .retrying(|mut c| {
+                let mut inv = BLOCK.prepare_invoke();
+                inv.key(&key).arg((duration.as_millis() as u64).max(1));
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn window_key(&self, key: QuotaKey<'_>) -> String {
+        match key {
+            QuotaKey::User(m) => self.keys.quota_user(m),
+            QuotaKey::ProjectMinute => self.keys.quota_project_minute(),
+            QuotaKey::ProjectDay => self.keys.quota_project_day(),
+        }
+    }
+
+    /// One script call over `windows[group]` (one hash slot); also returns Redis's time of the
+    /// charge, which a refund needs.
+    async fn charge_group(
+        &self,
+        units: u64,
+        windows: &[WindowCharge<'_>],
+        group: &[usize],
+        slot: Option<SlotRequest<'_>>,
+        mode: ChargeMode,
+    ) -> Result<(ChargeReply, u64), StoreError> {
+        // A retry after a lost reply may charge twice: that over-counts, which is safe.
+        let (outcome, index, value): (String, i64, i64) = self
+            .conn
+            .retrying(|mut c| {
+                let mut inv = CHARGE.prepare_invoke();
+                for &i in group {
+                    inv.key(self.window_key(windows[i].key));
+                }
+                if let Some(s) = slot {
+                    inv.key(self.keys.in_flight(s.mailbox));
+                }
+                inv.arg(units)
+                    .arg(match mode {
+                        ChargeMode::Admit => "admit",
+                        ChargeMode::Record => "record",
+                    })
+                    .arg(slot.map_or("", |s| s.token))
+                    .arg(slot.map_or(0, |s| s.cap))
+                    .arg(slot.map_or(0, |s| (s.ttl.as_millis() as u64).max(1)))
+                    .arg(group.len());
+                for &i in group {
+                    let w = &windows[i];
+                    inv.arg(w.limit)
+                        .arg(w.span.as_millis() as u64)
+                        .arg((w.bucket.as_millis() as u64).max(1));
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let window = |i: i64| {
+            usize::try_from(i - 1)
+                .ok()
+                .and_then(|k| group.get(k).copied())
+                .ok_or_else(|| StoreError::Protocol(format!("quota_charge: window {i}")))
+        };
+        let wait = Duration::from_millis(value.max(0) as u64);
+        let reply = match outcome.as_str() {
+            "ok" => return Ok((ChargeReply::Charged, value.max(0) as u64)),
+            "spent" => ChargeReply::Spent {
+                index: window(index)?,
+                wait,
+            },
+            "blocked" => ChargeReply::Blocked {
+                index: window(index)?,
+                wait,
+            },
+            "in_flight" => ChargeReply::InFlight,
+            other => return Err(StoreError::Protocol(format!("quota_charge: {other}"))),
+        };
+        Ok((reply, 0))
+    }
+
+    async fn refund_group(
+        &self,
+        units: u64,
+        at: u64,
+        windows: &[WindowCharge<'_>],
+        group: &[usize],
+        slot: Option<SlotRequest<'_>>,
+    ) -> Result<(), StoreError> {
+        let _: i64 = self
+            .conn
+            .retrying(|mut c| {
+                let mut inv = REFUND.prepare_invoke();
+                for &i in group {
+                    inv.key(self.window_key(windows[i].key));
+                }
+                if let Some(s) = slot {
+                    inv.key(self.keys.in_flight(s.mailbox));
+                }
+                inv.arg(units)
+                    .arg(at)
+                    .arg(slot.map_or("", |s| s.token))
+                    .arg(group.len());
+                for &i in group {
+                    inv.arg((windows[i].bucket.as_millis() as u64).max(1));
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(())
+    }
+}
