@@ -134,8 +134,12 @@ async fn two_workers_share_one_budget_and_gmail_never_refuses() {
         assert_eq!(status.code(), Some(0), "{}", w.log_tail(20));
         let summary = final_summary(w);
         deferred += summary["quota_deferred"].as_u64().unwrap();
-        let nacked = summary["nacked"].as_u64().unwrap();
-        assert!(nacked <= 2, "nacked {nacked}: {}", w.log_tail(5));
+        // No nack loop: nothing was nacked while the worker ran (its last periodic summary
+        // before SIGTERM). At the stop, deliveries still waiting are nacked by design
+        // (ARCHITECTURE.md, "Tasks and shutdown"); how many depends on timing.
+        let running = summary_before_sigterm(w);
+        assert_eq!(running["nacked"].as_u64(), Some(0), "{}", w.log_tail(5));
+        assert!(summary["nacked"].as_u64().unwrap() <= summary["received"].as_u64().unwrap());
     }
     assert!(
         deferred > 0,
@@ -248,4 +252,15 @@ fn final_summary(w: &crate::harness::WorkerProcess) -> serde_json::Value {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["message"] == "final summary")
         .unwrap_or_else(|| panic!("no final summary: {}", w.log_tail(10)))
+}
+
+/// The last periodic summary the worker logged before it received SIGTERM.
+fn summary_before_sigterm(w: &crate::harness::WorkerProcess) -> serde_json::Value {
+    let log = std::fs::read_to_string(w.log_path()).unwrap();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .take_while(|v| v["message"] != "SIGTERM received")
+        .filter(|v| v["message"] == "summary")
+        .last()
+        .unwrap_or_else(|| panic!("no summary before SIGTERM: {}", w.log_tail(10)))
 }
