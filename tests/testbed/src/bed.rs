@@ -298,6 +298,9 @@ impl redis::aio::ConnectionLike for RawConnection {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Cursors read per pipeline by [`Testbed::behind_of`] on a single Redis (a scale run polls
+/// 10^5 of them).
+const CURSOR_PIPELINE: usize = 1000;
 
 /// A plain multiplexed connection to `url` with bounded connect and response times.
 pub async fn connect_single(url: &str) -> Result<redis::aio::MultiplexedConnection> {
@@ -700,12 +703,36 @@ impl Testbed {
     ) -> Result<Vec<String>> {
         let mut con = self.connect().await?;
         let keys = self.keys();
+        let emails: Vec<&String> = emails.into_iter().collect();
         let mut behind = Vec::new();
-        for email in emails {
-            let cursor = cursor_on(&mut con, &keys, email).await?.unwrap_or(0);
+        let mut check = |email: &str, cursor: u64| {
             let current = self.sim.current_history_id(email);
             if cursor < current {
                 behind.push(format!("{email}: {cursor} < {current}"));
+            }
+        };
+        if let RawConnection::Single(single) = &mut con {
+            // Pipelined in chunks: a scale run polls 10^5 cursors.
+            for chunk in emails.chunks(CURSOR_PIPELINE) {
+                let mut pipe = redis::pipe();
+                for email in chunk {
+                    pipe.cmd("HGET").arg(keys.state(email)).arg("cursor");
+                }
+                let raw: Vec<Option<String>> = pipe.query_async(single).await?;
+                for (email, r) in chunk.iter().zip(raw) {
+                    let cursor = match r {
+                        None => 0,
+                        Some(r) => r.parse().map_err(|_| {
+                            anyhow!("cursor of {email} is not a decimal u64: {r:?}")
+                        })?,
+                    };
+                    check(email, cursor);
+                }
+            }
+        } else {
+            for email in emails {
+                let cursor = cursor_on(&mut con, &keys, email).await?.unwrap_or(0);
+                check(email, cursor);
             }
         }
         Ok(behind)

@@ -67,11 +67,22 @@ pub fn compare(
         let mailbox = e.get("mailbox").map(String::as_str).unwrap_or("");
         by_mailbox.entry(mailbox).or_default().push(e);
     }
+    // One pass over the ledger, not one per mailbox: a scale run has 10^5 mailboxes and 10^6
+    // ledger entries.
+    let mut changes_by_mailbox: BTreeMap<&str, Vec<&ChangeEntry>> = BTreeMap::new();
+    for c in ledger.changes() {
+        changes_by_mailbox
+            .entry(c.mailbox.as_str())
+            .or_default()
+            .push(c);
+    }
     let mut total = 0;
     for (email, baseline) in baselines {
-        let expected: Vec<String> = ledger
-            .changes_for(email)
+        let expected: Vec<String> = changes_by_mailbox
+            .get(email.as_str())
             .into_iter()
+            .flatten()
+            .copied()
             .filter(|c| c.has_record() && c.history_id > *baseline)
             .map(expected_line)
             .collect();
