@@ -92,7 +92,7 @@ async fn run() -> anyhow::Result<()> {
         let label = format!("faults-{}-{}", scenario.name(), args.seed);
         let mut bed = Bed::start(&label, SimConfig::default()).await?;
         let names = driver::mailbox_names(&format!("{}-", scenario.name()), args.mailboxes);
-        driver::create_mailboxes(&bed, &names);
+        driver::prepare(&mut bed, &names);
         bed.add_mailboxes(&names).await?;
         let opts = RunOptions {
             scenario,

@@ -24,7 +24,7 @@ async fn run(scenario: Scenario, seed: u64) {
     )
     .await;
     let names = driver::mailbox_names(&format!("{label}-"), 12);
-    driver::create_mailboxes(&bed, &names);
+    driver::prepare(&mut bed, &names);
     bed.add_mailboxes(&names).await;
     let cmd = WorkerCommand {
         exe: env!("CARGO_BIN_EXE_gmail-sync").into(),
