@@ -16,6 +16,7 @@ mod credentials;
 mod duplicates;
 mod end_to_end;
 mod enrichment;
+mod faults;
 mod gmail_errors;
 mod harness;
 mod health;

@@ -120,7 +120,7 @@ fn sorted_labels<'a>(labels: impl Iterator<Item = &'a str>) -> String {
     l.join(",")
 }
 
-fn expected_line(c: &ChangeEntry) -> String {
+pub(crate) fn expected_line(c: &ChangeEntry) -> String {
     let (kind, labels) = match c.kind {
         ChangeKind::MessageAdded => ("message_added", String::new()),
         ChangeKind::MessageDeleted => ("message_deleted", String::new()),
@@ -137,7 +137,7 @@ fn expected_line(c: &ChangeEntry) -> String {
     format!("{kind} {} {} {labels}", c.history_id, c.message_id)
 }
 
-fn actual_line(e: &StreamEntry) -> String {
+pub(crate) fn actual_line(e: &StreamEntry) -> String {
     let get = |f: &str| e.get(f).map(String::as_str).unwrap_or("");
     let kind = get("kind");
     let labels = if kind.starts_with("labels_") {

@@ -1,0 +1,496 @@
+//! The fault suite's machinery (issue 10, item 1): N worker processes on one subscription,
+//! faults injected from a seeded schedule, and after each scenario the properties P1–P6
+//! checked against the simulator's ledger, Redis and the workers' own records.
+//!
+//! - [`Scenario`]: what a run injects (each alone, or `Mixed`).
+//! - [`Schedule`]: the seeded list of timed [`Fault`]s of a run; the same seed, scenario and
+//!   duration give the same schedule (the traffic is seeded too; what the processes do with it
+//!   still depends on timing).
+//! - [`driver`]: runs a schedule against a [`crate::bed::Testbed`] (the `Injector` of the
+//!   issue: one `apply` per fault), with a [`proxy::CutProxy`] in front of the emulator and a
+//!   [`monitor`] sampling every cursor, and returns a [`Row`].
+//! - [`Row`] / [`table`]: the per-scenario report, serde-serializable for `--json`.
+//!
+//! Used by `examples/faults.rs` (the long runs) and `tests/integration/faults.rs` (a reduced
+//! set in CI).
+
+pub mod driver;
+pub mod monitor;
+pub mod proxy;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// What a run injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// SIGKILL loops: the worker holding a mailbox lease in the middle of a (slowed) sync, i.e.
+    /// before its commit; and random workers at random moments (which lands between a commit
+    /// and its ack only by chance: the worker has no hook to stop there). A replacement starts
+    /// after each kill.
+    Kill,
+    /// SIGSTOP of a worker for longer than the mailbox lease TTL, then SIGCONT.
+    Stop,
+    /// SIGTERM of a worker while syncs are in flight (slowed history.list); it must exit 0; a
+    /// replacement starts.
+    Term,
+    /// 2 → 6 → 2 workers mid-run (scale-down by SIGTERM, exit 0).
+    Scale,
+    /// Redis shuts down (saving) and starts again on the same port.
+    RedisRestart,
+    /// Redis refuses writes (`maxmemory` 1 byte, `noeviction`) for a few seconds.
+    RedisOom,
+    /// Redis stalls every client (`CLIENT PAUSE`) for up to 2.5 s.
+    RedisLatency,
+    /// Pub/Sub: duplicates of published notifications, the same ones in reverse order, a
+    /// redelivery storm (one notification ×50), poison messages.
+    Pubsub,
+    /// Gmail: 429, 403 rate reasons, 5xx, hangs and answers slower than the client timeout.
+    Gmail,
+    /// Dropped notifications and history lag (a change visible in `history.list` only seconds
+    /// after its notification).
+    Notify,
+    /// The gRPC stream cut: the proxy resets every worker ↔ emulator connection.
+    StreamCut,
+    /// All of the above, drawn at random.
+    Mixed,
+}
+
+impl Scenario {
+    /// Every single scenario (not `Mixed`), in the order `all` runs them.
+    pub const SINGLE: [Scenario; 11] = [
+        Scenario::Kill,
+        Scenario::Stop,
+        Scenario::Term,
+        Scenario::Scale,
+        Scenario::RedisRestart,
+        Scenario::RedisOom,
+        Scenario::RedisLatency,
+        Scenario::Pubsub,
+        Scenario::Gmail,
+        Scenario::Notify,
+        Scenario::StreamCut,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Kill => "kill",
+            Scenario::Stop => "stop",
+            Scenario::Term => "term",
+            Scenario::Scale => "scale",
+            Scenario::RedisRestart => "redis-restart",
+            Scenario::RedisOom => "redis-oom",
+            Scenario::RedisLatency => "redis-latency",
+            Scenario::Pubsub => "pubsub",
+            Scenario::Gmail => "gmail",
+            Scenario::Notify => "notify",
+            Scenario::StreamCut => "stream-cut",
+            Scenario::Mixed => "mixed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scenario> {
+        Scenario::SINGLE
+            .into_iter()
+            .chain([Scenario::Mixed])
+            .find(|s| s.name() == name)
+    }
+
+    /// True if a run of this scenario SIGKILLs workers or cuts their streams: the emulator
+    /// may then strand messages for minutes (see shared/reference/emulator.md), so the drain
+    /// leans on the fallback sync, and the row says how much the workers received.
+    pub fn strands(self) -> bool {
+        matches!(
+            self,
+            Scenario::Kill
+                | Scenario::Term
+                | Scenario::Scale
+                | Scenario::StreamCut
+                | Scenario::Mixed
+        )
+    }
+}
+
+/// Which Gmail failure a [`Fault::Gmail`] injects on `users.history.list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GmailFault {
+    TooManyRequests,
+    RateLimit403,
+    ServerError,
+    Hang,
+    /// Slower than the worker's Gmail timeout (a client-side timeout).
+    Timeout,
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "fault")]
+pub enum Fault {
+    /// SIGKILL the lease holder of a slowed sync (before its commit), then a replacement.
+    KillSyncing,
+    /// SIGKILL a random worker now, then a replacement.
+    KillRandom,
+    /// SIGSTOP a random worker for `millis` (past the lease TTL), then SIGCONT.
+    Pause {
+        millis: u64,
+    },
+    /// SIGTERM a worker while syncs are in flight; exit code 0 expected; then a replacement.
+    TermSyncing,
+    /// Start or stop (SIGTERM) workers until `workers` run.
+    ScaleTo {
+        workers: usize,
+    },
+    RedisRestart,
+    /// Redis refuses writes for `millis`.
+    RedisOom {
+        millis: u64,
+    },
+    /// `CLIENT PAUSE millis ALL`.
+    RedisPause {
+        millis: u64,
+    },
+    /// Publish `n` recently published notifications again.
+    Duplicates {
+        n: usize,
+    },
+    /// Publish `n` recently published notifications again, newest first.
+    Reorder {
+        n: usize,
+    },
+    /// Publish one recent notification `copies` times.
+    Storm {
+        copies: usize,
+    },
+    /// Malformed payloads and a notification for an unknown mailbox.
+    Poison,
+    /// `calls` history.list calls answer with `kind`.
+    Gmail {
+        kind: GmailFault,
+        calls: u32,
+    },
+    /// The simulator drops each notification with `percent`% for `millis`.
+    DropNotifications {
+        percent: u32,
+        millis: u64,
+    },
+    /// history.list shows changes `lag_ms` after their notification, for `millis`.
+    HistoryLag {
+        lag_ms: u64,
+        millis: u64,
+    },
+    /// Reset every worker ↔ emulator connection.
+    StreamCut,
+}
+
+impl Fault {
+    /// The label the report counts this fault under.
+    pub fn label(&self) -> String {
+        match self {
+            Fault::KillSyncing => "kill-before-commit".into(),
+            Fault::KillRandom => "kill-random".into(),
+            Fault::Pause { .. } => "sigstop".into(),
+            Fault::TermSyncing => "sigterm-in-flight".into(),
+            Fault::ScaleTo { workers } => format!("scale-to-{workers}"),
+            Fault::RedisRestart => "redis-restart".into(),
+            Fault::RedisOom { .. } => "redis-oom".into(),
+            Fault::RedisPause { .. } => "redis-pause".into(),
+            Fault::Duplicates { .. } => "duplicates".into(),
+            Fault::Reorder { .. } => "reorder".into(),
+            Fault::Storm { .. } => "storm-x50".into(),
+            Fault::Poison => "poison".into(),
+            Fault::Gmail { kind, .. } => format!("gmail-{}", gmail_name(*kind)),
+            Fault::DropNotifications { .. } => "drop-notifications".into(),
+            Fault::HistoryLag { .. } => "history-lag".into(),
+            Fault::StreamCut => "stream-cut".into(),
+        }
+    }
+}
+
+fn gmail_name(kind: GmailFault) -> &'static str {
+    match kind {
+        GmailFault::TooManyRequests => "429",
+        GmailFault::RateLimit403 => "403-rate",
+        GmailFault::ServerError => "5xx",
+        GmailFault::Hang => "hang",
+        GmailFault::Timeout => "timeout",
+    }
+}
+
+/// The first fault comes this long after the traffic starts (every worker is attached and
+/// busy by then).
+pub const FAULTS_FROM: Duration = Duration::from_secs(4);
+/// No fault starts in the last stretch of the traffic, so every timed fault has ended (and
+/// been undone) before the drain is measured.
+pub const FAULTS_UNTIL_END: Duration = Duration::from_secs(6);
+/// Longest SIGSTOP: past the suite's lease TTL ([`driver::LEASE_MS`]) with a margin.
+const PAUSE_MS: (u64, u64) = (driver::LEASE_MS + 1_000, driver::LEASE_MS + 3_000);
+
+/// A run's faults at their offsets from the start of the traffic, in order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Schedule {
+    pub seed: u64,
+    pub events: Vec<(Duration, Fault)>,
+}
+
+impl Schedule {
+    /// The schedule of `scenario` for traffic lasting `duration`, from `seed`.
+    pub fn generate(scenario: Scenario, seed: u64, duration: Duration, workers: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut events = Vec::new();
+        let end = duration.saturating_sub(FAULTS_UNTIL_END);
+        if scenario == Scenario::Scale {
+            // One cycle per run: up at a third, down at two thirds.
+            events.push((duration / 3, Fault::ScaleTo { workers: 6 }));
+            events.push((
+                duration * 2 / 3,
+                Fault::ScaleTo {
+                    workers: workers.max(1),
+                },
+            ));
+            return Schedule { seed, events };
+        }
+        let (min_gap, max_gap) = gaps(scenario);
+        let mut at = FAULTS_FROM;
+        while at < end {
+            let fault = draw(scenario, &mut rng, workers);
+            events.push((at, fault));
+            at += Duration::from_millis(rng.random_range(min_gap..=max_gap));
+        }
+        Schedule { seed, events }
+    }
+}
+
+/// Milliseconds between two faults of a scenario: kills and restarts need the fleet to
+/// recover (a replacement worker takes seconds to get ready); Pub/Sub and Gmail faults are
+/// cheap and can come often.
+fn gaps(scenario: Scenario) -> (u64, u64) {
+    match scenario {
+        Scenario::Kill | Scenario::Term | Scenario::Stop => (5_000, 9_000),
+        Scenario::RedisRestart | Scenario::RedisOom => (6_000, 10_000),
+        Scenario::Mixed => (3_000, 6_000),
+        _ => (2_000, 5_000),
+    }
+}
+
+fn draw(scenario: Scenario, rng: &mut StdRng, workers: usize) -> Fault {
+    match scenario {
+        Scenario::Kill => {
+            if rng.random_bool(0.5) {
+                Fault::KillSyncing
+            } else {
+                Fault::KillRandom
+            }
+        }
+        Scenario::Stop => Fault::Pause {
+            millis: rng.random_range(PAUSE_MS.0..=PAUSE_MS.1),
+        },
+        Scenario::Term => Fault::TermSyncing,
+        Scenario::Scale => Fault::ScaleTo { workers },
+        Scenario::RedisRestart => Fault::RedisRestart,
+        Scenario::RedisOom => Fault::RedisOom {
+            millis: rng.random_range(1_000..=4_000),
+        },
+        Scenario::RedisLatency => Fault::RedisPause {
+            millis: rng.random_range(200..=2_500),
+        },
+        Scenario::Pubsub => match rng.random_range(0..4) {
+            0 => Fault::Duplicates { n: 20 },
+            1 => Fault::Reorder { n: 20 },
+            2 => Fault::Storm { copies: 50 },
+            _ => Fault::Poison,
+        },
+        Scenario::Gmail => Fault::Gmail {
+            kind: match rng.random_range(0..5) {
+                0 => GmailFault::TooManyRequests,
+                1 => GmailFault::RateLimit403,
+                2 => GmailFault::ServerError,
+                3 => GmailFault::Hang,
+                _ => GmailFault::Timeout,
+            },
+            calls: rng.random_range(2..=6),
+        },
+        Scenario::Notify => {
+            if rng.random_bool(0.5) {
+                Fault::DropNotifications {
+                    percent: rng.random_range(20..=60),
+                    millis: rng.random_range(2_000..=5_000),
+                }
+            } else {
+                Fault::HistoryLag {
+                    lag_ms: rng.random_range(1_000..=3_000),
+                    millis: rng.random_range(2_000..=5_000),
+                }
+            }
+        }
+        Scenario::StreamCut => Fault::StreamCut,
+        Scenario::Mixed => {
+            // Scale is left out of the mix: it is a fleet shape, not an event.
+            let menu = [
+                Scenario::Kill,
+                Scenario::Stop,
+                Scenario::Term,
+                Scenario::RedisRestart,
+                Scenario::RedisOom,
+                Scenario::RedisLatency,
+                Scenario::Pubsub,
+                Scenario::Gmail,
+                Scenario::Notify,
+                Scenario::StreamCut,
+            ];
+            let pick = menu[rng.random_range(0..menu.len())];
+            draw(pick, rng, workers)
+        }
+    }
+}
+
+/// Violations of each property found by one run (0 everywhere = the run passed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Violations {
+    /// Ledger changes missing from the change streams (or streams out of ledger order).
+    pub p1_lost: u64,
+    /// Change entries written more than once, or not in the ledger at all.
+    pub p2_duplicate: u64,
+    /// Cursor regressions the monitor saw.
+    pub p3_cursor_regressed: u64,
+    /// Published notifications not covered by a committed cursor at the drain check, while
+    /// every worker still ran (derived; see the README's "Fault suite" on what P4 can prove).
+    pub p4_ack_before_commit: u64,
+    /// 1 if the mailboxes did not catch up within the drain bound.
+    pub p5_not_drained: u64,
+    /// Workers that did not exit 0 within the bound after a SIGTERM.
+    pub p6_bad_exit: u64,
+}
+
+impl Violations {
+    pub fn total(&self) -> u64 {
+        self.p1_lost
+            + self.p2_duplicate
+            + self.p3_cursor_regressed
+            + self.p4_ack_before_commit
+            + self.p5_not_drained
+            + self.p6_bad_exit
+    }
+}
+
+/// One scenario's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub scenario: Scenario,
+    pub seed: u64,
+    /// Traffic duration (faults are injected during it), seconds.
+    pub traffic_secs: u64,
+    pub workers: usize,
+    pub mailboxes: usize,
+    /// Changes the simulator made (ledger entries after the baselines).
+    pub changes: usize,
+    /// Notifications the simulator published (dropped ones not counted).
+    pub notifications: usize,
+    /// Messages the driver published itself (duplicates, reorders, storms, poison).
+    pub extra_messages: u64,
+    /// Faults injected, by label.
+    pub faults: BTreeMap<String, u64>,
+    pub violations: Violations,
+    /// From the end of the traffic until every cursor reached the simulator's historyId.
+    pub drain_secs: Option<f64>,
+    /// Messages the workers said they received (their last summary line; a SIGKILLed worker's
+    /// last periodic one, up to a second old). Compared with what was published it tells
+    /// emulator stranding (not received) from a worker holding messages (received).
+    pub received_by_workers: u64,
+    /// Worker processes started in all (replacements included).
+    pub worker_processes: usize,
+    /// Cursor sampling rounds (P3) that read every cursor / that failed (Redis away).
+    pub cursor_rounds: u64,
+    pub cursor_rounds_failed: u64,
+    /// What each violation was, for the post-mortem.
+    pub details: Vec<String>,
+}
+
+impl Row {
+    pub fn faults_total(&self) -> u64 {
+        self.faults.values().sum()
+    }
+}
+
+/// The rows as a fixed-width text table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<14} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
+        "scenario",
+        "seed",
+        "changes",
+        "notifs",
+        "extra",
+        "faults",
+        "P1",
+        "P2",
+        "P3",
+        "P4",
+        "P5",
+        "P6",
+        "drain_s",
+        "received"
+    );
+    for r in rows {
+        let v = &r.violations;
+        out.push_str(&format!(
+            "{:<14} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
+            r.scenario.name(),
+            r.seed,
+            r.changes,
+            r.notifications,
+            r.extra_messages,
+            r.faults_total(),
+            v.p1_lost,
+            v.p2_duplicate,
+            v.p3_cursor_regressed,
+            v.p4_ack_before_commit,
+            v.p5_not_drained,
+            v.p6_bad_exit,
+            r.drain_secs
+                .map_or("-".to_string(), |s| format!("{s:.1}")),
+            r.received_by_workers
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_reproduces_its_schedule_and_another_seed_differs() {
+        let d = Duration::from_secs(120);
+        let a = Schedule::generate(Scenario::Mixed, 7, d, 2);
+        let b = Schedule::generate(Scenario::Mixed, 7, d, 2);
+        let c = Schedule::generate(Scenario::Mixed, 8, d, 2);
+        assert_eq!(a.events, b.events);
+        assert_ne!(a.events, c.events);
+        assert!(!a.events.is_empty());
+    }
+
+    #[test]
+    fn faults_stay_inside_the_traffic_window() {
+        for s in Scenario::SINGLE.into_iter().chain([Scenario::Mixed]) {
+            let d = Duration::from_secs(40);
+            let sched = Schedule::generate(s, 1, d, 2);
+            assert!(!sched.events.is_empty(), "{s:?} injects nothing");
+            for (at, _) in &sched.events {
+                assert!(*at >= FAULTS_FROM.min(d / 3) && *at < d, "{s:?} at {at:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn scenario_names_round_trip() {
+        for s in Scenario::SINGLE.into_iter().chain([Scenario::Mixed]) {
+            assert_eq!(Scenario::parse(s.name()), Some(s));
+        }
+        assert_eq!(Scenario::parse("nope"), None);
+    }
+}

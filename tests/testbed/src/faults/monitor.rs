@@ -1,0 +1,89 @@
+//! P3, sampled continuously: every mailbox's cursor read every [`SAMPLE_EVERY`]; a cursor that
+//! is ever lower than one read before is a regression.
+//!
+//! One pipeline of `HGET`s per round on its own connection (the driver's other Redis calls
+//! never queue behind it). A round that fails (Redis restarting, refusing, paused) is counted
+//! and skipped: the monitor sees the cursor again when Redis answers, and a regression across
+//! the gap still shows, because the last value read is kept.
+
+use crate::bed::{Keys, Testbed};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often the monitor reads every cursor (the issue asks for ~100 ms).
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// A connection attempt after a failed round waits this long (Redis may be down for seconds).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// What the monitor saw.
+#[derive(Debug, Default, Clone)]
+pub struct CursorSamples {
+    /// Rounds that read every cursor.
+    pub rounds: u64,
+    /// Rounds that failed (Redis unavailable).
+    pub failed_rounds: u64,
+    /// `mailbox: before -> after` for every regression seen.
+    pub regressions: Vec<String>,
+    /// The last cursor read per mailbox.
+    pub last: BTreeMap<String, u64>,
+}
+
+/// Samples until `stop`; the shared record is read by the driver at the end.
+pub async fn run(
+    tb: &Testbed,
+    mailboxes: Vec<String>,
+    record: Arc<Mutex<CursorSamples>>,
+    stop: CancellationToken,
+) {
+    let keys: Keys = tb.keys();
+    let mut con = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+        }
+        if con.is_none() {
+            match tb.connect().await {
+                Ok(c) => con = Some(c),
+                Err(_) => {
+                    lock(&record).failed_rounds += 1;
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+            }
+        }
+        let c = con.as_mut().expect("connected above");
+        let mut pipe = redis::pipe();
+        for m in &mailboxes {
+            pipe.cmd("HGET").arg(keys.state(m)).arg("cursor");
+        }
+        let read: redis::RedisResult<Vec<Option<String>>> = pipe.query_async(c).await;
+        let mut rec = lock(&record);
+        match read {
+            Ok(values) => {
+                rec.rounds += 1;
+                for (m, v) in mailboxes.iter().zip(values) {
+                    let Some(now) = v.and_then(|v| v.parse::<u64>().ok()) else {
+                        continue;
+                    };
+                    if let Some(before) = rec.last.insert(m.clone(), now)
+                        && now < before
+                    {
+                        rec.regressions.push(format!("{m}: {before} -> {now}"));
+                    }
+                }
+            }
+            Err(_) => {
+                rec.failed_rounds += 1;
+                // A fresh connection next round (the old one may be broken for good).
+                con = None;
+            }
+        }
+    }
+}
+
+fn lock(m: &Mutex<CursorSamples>) -> std::sync::MutexGuard<'_, CursorSamples> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
