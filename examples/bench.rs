@@ -52,7 +52,7 @@ use gmail_sync_testbed::gmail::{Endpoint, QuotaConfig, SimConfig};
 use gmail_sync_testbed::otlp::OtlpReceiver;
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
-use support::{Bed, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
+use support::{Bed, Rng, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
     support::main(bench)
@@ -369,18 +369,6 @@ async fn wait_caught_up(bed: &Bed) -> anyhow::Result<()> {
     bed.wait_caught_up(Duration::from_secs(120))
         .await
         .map_err(|e| anyhow::anyhow!("the worker did not catch up: {e}"))
-}
-
-/// A seeded xorshift64: the random pattern is the same in every run (no dependency needed).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
 }
 
 /// The seed of the random pattern.

@@ -32,7 +32,7 @@ use gmail_sync_testbed::pubsub;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::{Bed, cpu_and_peak_rss, env_or, final_summary, stop_worker};
+use support::{Bed, Rng, cpu_and_peak_rss, env_or, final_summary, stop_worker};
 
 fn main() -> anyhow::Result<()> {
     support::main(scale)
@@ -51,18 +51,6 @@ const MONOTONIC_EVERY: Duration = Duration::from_millis(500);
 const DRAIN_BOUND: Duration = Duration::from_secs(900);
 /// Changes in a burst to one mailbox, each with its own notification.
 const BURST: usize = 5;
-
-/// A seeded xorshift64: the same workload in every run with the same seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
 
 async fn scale() -> anyhow::Result<()> {
     let n_mailboxes: usize = env_or("SCALE_MAILBOXES", 100_000);

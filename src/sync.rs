@@ -858,15 +858,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_new_messages_are_fetched_and_a_deletion_in_the_page_means_gone() {
-        let change = |h, kind, id: &str| HistoryChange {
+    fn change(h: u64, kind: HistoryChangeKind, id: &str) -> HistoryChange {
+        HistoryChange {
             history_id: HistoryId(h),
             kind,
             message_id: id.into(),
             thread_id: "t".into(),
             label_ids: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn only_new_messages_are_fetched_and_a_deletion_in_the_page_means_gone() {
         use HistoryChangeKind::*;
         let changes = vec![
             change(1, MessageAdded, "a"),
@@ -890,13 +893,6 @@ mod tests {
     #[test]
     fn pages_are_cut_into_parts_between_records() {
         use HistoryChangeKind::*;
-        let change = |h, kind, id: &str| HistoryChange {
-            history_id: HistoryId(h),
-            kind,
-            message_id: id.into(),
-            thread_id: "t".into(),
-            label_ids: vec![],
-        };
         let changes = vec![
             change(1, MessageAdded, "a"),
             change(2, MessageAdded, "b"),

@@ -180,3 +180,17 @@ pub fn cpu_and_peak_rss(pid: u32) -> Option<(Duration, u64)> {
         .ok()?;
     Some((Duration::from_millis(ticks * 1000 / tck), hwm))
 }
+
+/// A seeded xorshift64: the same workload in every run with the same seed (no dependency
+/// needed). The seed must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Uniform enough in `0..n` for workload shapes.
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}

@@ -330,18 +330,10 @@ fn draw(scenario: Scenario, rng: &mut StdRng, workers: usize) -> Fault {
         Scenario::StreamCut => Fault::StreamCut,
         Scenario::Mixed => {
             // Scale is left out of the mix: it is a fleet shape, not an event.
-            let menu = [
-                Scenario::Kill,
-                Scenario::Stop,
-                Scenario::Term,
-                Scenario::RedisRestart,
-                Scenario::RedisOom,
-                Scenario::RedisLatency,
-                Scenario::Pubsub,
-                Scenario::Gmail,
-                Scenario::Notify,
-                Scenario::StreamCut,
-            ];
+            let menu: Vec<Scenario> = Scenario::SINGLE
+                .into_iter()
+                .filter(|s| *s != Scenario::Scale)
+                .collect();
             let pick = menu[rng.random_range(0..menu.len())];
             draw(pick, rng, workers)
         }
