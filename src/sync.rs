@@ -26,7 +26,7 @@ use crate::gmail::{
 };
 use crate::history_id::HistoryId;
 use crate::mailbox::{Mailbox, MailboxLogStyle};
-use crate::quota::{Admission, Deferral, Priority, QuotaError};
+use crate::quota::{Admission, Deferral, Permit, Priority, QuotaError};
 use crate::store::{
     AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit,
     ResyncReason, Store, StoreError,
@@ -257,7 +257,7 @@ impl Syncer {
             Start::History => Method::HistoryList,
             Start::FullResync(_) => Method::GetProfile,
         });
-        let _permit = match self
+        let permit = match self
             .gmail
             .governor()
             .admit(mailbox, priority, prepaid)
@@ -288,7 +288,7 @@ impl Syncer {
         let work = Box::pin(crate::quota::within(
             priority,
             prepaid,
-            self.run(mailbox, &lease, cursor, start),
+            self.run(mailbox, &lease, &permit, cursor, start),
         ));
         let (result, gmail_calls) = REQUESTS_IN_TASK
             .scope(std::cell::Cell::new(0), async {
@@ -425,6 +425,7 @@ impl Syncer {
         &self,
         mailbox: &Mailbox,
         lease: &Lease,
+        permit: &Permit,
         cursor: HistoryId,
         how: Start,
     ) -> Result<Progress, SyncError> {
@@ -495,10 +496,22 @@ impl Syncer {
                         };
                         let part: Vec<ChangeEntry> = entries.drain(..end - start).collect();
                         let part = self.enrich(mailbox, part, &targets[start..end]).await?;
+                        // The step that gives the lease back gives the quota slot back too.
                         progress.cursor = self
                             .store
-                            .commit(mailbox, lease, progress.cursor, part_to, &part, part_lease)
+                            .commit(
+                                mailbox,
+                                lease,
+                                progress.cursor,
+                                part_to,
+                                &part,
+                                part_lease,
+                                permit.slot_token(),
+                            )
                             .await?;
+                        if part_lease == LeaseAfterCommit::Release {
+                            permit.given_back();
+                        }
                         progress.changes += part.len() as u64;
                         Counters::add(&self.counters.changes_written, part.len() as u64);
                         start = end;
@@ -559,7 +572,15 @@ impl Syncer {
         let to = h0.max(from);
         let cursor = self
             .store
-            .commit(mailbox, lease, from, to, &entries, LeaseAfterCommit::Keep)
+            .commit(
+                mailbox,
+                lease,
+                from,
+                to,
+                &entries,
+                LeaseAfterCommit::Keep,
+                None,
+            )
             .await?;
         Counters::add(&self.counters.changes_written, entries.len() as u64);
         Ok((cursor, entries.len() as u64))

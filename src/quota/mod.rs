@@ -35,6 +35,7 @@ use crate::telemetry::Counters;
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -192,7 +193,7 @@ impl Governor {
         units: u64,
     ) -> Result<Admission, QuotaError> {
         let Some(shared) = &self.shared else {
-            return Ok(Admission::Granted(Permit { held: None }));
+            return Ok(Admission::Granted(Permit::none()));
         };
         let token = format!("{:032x}", rand::random::<u128>());
         let windows = shared.windows(mailbox, priority, units);
@@ -213,6 +214,7 @@ impl Governor {
                     mailbox: mailbox.clone(),
                     token,
                 }),
+                given_back: AtomicBool::new(false),
             }),
             Payment::Wait(d) => Admission::Wait(d),
         })
@@ -360,10 +362,36 @@ impl Shared {
 }
 
 /// An admitted piece of work's in-flight slot; dropping it gives the slot back (in a task on
-/// the app's tracker; if that fails, the slot's TTL frees it).
+/// the app's tracker; if that fails, the slot's TTL frees it), unless the work's final commit
+/// already did ([`Permit::slot_token`], [`Permit::given_back`]).
 #[derive(Debug)]
 pub struct Permit {
     held: Option<Held>,
+    /// Set once the final commit's script removed the slot itself: nothing left to give back.
+    /// Atomic only because a sync borrows its permit across awaits in a `Send` future.
+    given_back: AtomicBool,
+}
+
+impl Permit {
+    /// A permit without a slot (the governor is off).
+    fn none() -> Permit {
+        Permit {
+            held: None,
+            given_back: AtomicBool::new(false),
+        }
+    }
+
+    /// The slot's token, for the final commit to remove in the same script (one Redis round
+    /// trip and one task less per sync than the release on drop); `None` without a slot
+    /// (governor off, or not admitted through [`Governor::admit`]).
+    pub fn slot_token(&self) -> Option<&str> {
+        self.held.as_ref().map(|h| h.token.as_str())
+    }
+
+    /// The final commit removed the slot: dropping the permit no longer releases it.
+    pub fn given_back(&self) {
+        self.given_back.store(true, Ordering::Relaxed);
+    }
 }
 
 struct Held {
@@ -383,6 +411,9 @@ impl Drop for Permit {
         let Some(held) = self.held.take() else {
             return;
         };
+        if self.given_back.load(Ordering::Relaxed) {
+            return;
+        }
         // Outside a runtime (a test dropping a permit late) the TTL frees the slot.
         if tokio::runtime::Handle::try_current().is_err() {
             return;

@@ -294,7 +294,9 @@ impl Store {
 
     /// Appends `entries` and moves the cursor from `from` to `to` in one script, if the lease is
     /// still ours and the cursor is still `from`; `lease_after` says whether the same step drops
-    /// the lease or renews its TTL.
+    /// the lease or renews its TTL. A step that drops the lease also removes the sync's quota
+    /// in-flight slot `slot` (its token), if given, so ending a sync is one round trip.
+    #[allow(clippy::too_many_arguments)] // one per script argument group; a struct would only rename them
     pub async fn commit(
         &self,
         mailbox: &Mailbox,
@@ -303,6 +305,7 @@ impl Store {
         to: HistoryId,
         entries: &[ChangeEntry],
         lease_after: LeaseAfterCommit,
+        slot: Option<&str>,
     ) -> Result<HistoryId, StoreError> {
         let now_s = now_ms() / 1000;
         let mut attempt = 0;
@@ -312,6 +315,7 @@ impl Store {
             inv.key(self.keys.state(mailbox))
                 .key(self.keys.lease(mailbox))
                 .key(self.keys.stream_of(mailbox))
+                .key(self.keys.in_flight(mailbox))
                 .arg(&lease.token)
                 .arg(from.to_string())
                 .arg(to.to_string())
@@ -322,7 +326,11 @@ impl Store {
                     LeaseAfterCommit::Release => "1",
                     LeaseAfterCommit::Keep => "0",
                 })
-                .arg(now_s);
+                .arg(now_s)
+                .arg(match lease_after {
+                    LeaseAfterCommit::Release => slot.unwrap_or(""),
+                    LeaseAfterCommit::Keep => "",
+                });
             for e in entries {
                 inv.arg(4 + 2 * e.fields.len())
                     .arg("kind")

@@ -4,8 +4,8 @@ use crate::harness::Bed;
 use gmail_sync::history_id::HistoryId;
 use gmail_sync::mailbox::Mailbox;
 use gmail_sync::store::{
-    AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, Lease, LeaseAfterCommit,
-    StoreError, WatchPlan,
+    AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, ChargeMode, ChargeReply, Lease,
+    LeaseAfterCommit, SlotRequest, StoreError, WatchPlan,
 };
 use std::time::Duration;
 
@@ -75,6 +75,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base - 1),
             &[entry(base - 1)],
             LeaseAfterCommit::Keep,
+            None,
         )
         .await;
     assert!(matches!(back, Err(StoreError::Backwards(_))), "{back:?}");
@@ -86,6 +87,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base + 2),
             &[entry(base + 2)],
             LeaseAfterCommit::Keep,
+            None,
         )
         .await;
     assert!(
@@ -100,6 +102,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base + 2),
             &[entry(base + 2)],
             LeaseAfterCommit::Keep,
+            None,
         )
         .await;
     assert!(matches!(foreign, Err(StoreError::LeaseLost)), "{foreign:?}");
@@ -117,6 +120,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base + 2),
             &[entry(base + 1), entry(base + 2)],
             LeaseAfterCommit::Release,
+            None,
         )
         .await
         .unwrap();
@@ -131,6 +135,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(base + 2),
             &[entry(base + 1), entry(base + 2)],
             LeaseAfterCommit::Keep,
+            None,
         )
         .await;
     assert!(replay.is_err());
@@ -162,6 +167,7 @@ async fn cursor_is_compare_and_advance_and_never_moves_back_beyond_2_pow_53() {
             HistoryId(u64::MAX),
             &[],
             LeaseAfterCommit::Release,
+            None,
         )
         .await
         .unwrap();
@@ -317,4 +323,96 @@ fn lua_function(source: &str, name: &str) -> Option<String> {
     let rest = &source[start..];
     let end = rest.find("\nend")? + "\nend".len();
     Some(rest[..end].to_string())
+}
+
+/// A sync's quota in-flight slot is given back by the commit that drops its lease (the same
+/// script: ending a sync is one round trip), not by one that keeps the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_commit_gives_the_in_flight_slot_back() {
+    let bed = Bed::start("store-slot").await;
+    let store = bed.store().await;
+    let m = Mailbox::parse("slot@example.com").unwrap();
+    store
+        .register(&m, HistoryId(100), &idle_plan())
+        .await
+        .unwrap();
+    let mut con = bed.redis().await;
+    let in_flight = store.keys().in_flight(&m);
+    let slots = |con: &mut redis::aio::MultiplexedConnection| {
+        let key = in_flight.clone();
+        let mut con = con.clone();
+        async move {
+            redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async::<u64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    let take = |token: &'static str| {
+        let store = &store;
+        let m = &m;
+        async move {
+            let slot = SlotRequest {
+                mailbox: m,
+                token,
+                cap: 2,
+                ttl: Duration::from_secs(60),
+            };
+            store
+                .quota_charge(0, &[], Some(slot), ChargeMode::Admit)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(take("first").await, ChargeReply::Charged);
+    assert_eq!(take("other").await, ChargeReply::Charged);
+    assert_eq!(slots(&mut con).await, 2);
+
+    let lease = Lease::new(Duration::from_secs(10));
+    assert!(matches!(
+        store.begin(&m, HistoryId(105), &lease).await.unwrap(),
+        Begin::Leased { .. }
+    ));
+    store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(100),
+            HistoryId(102),
+            &[entry(102)],
+            LeaseAfterCommit::Keep,
+            Some("first"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        slots(&mut con).await,
+        2,
+        "a commit that keeps the lease keeps the slot"
+    );
+    store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(102),
+            HistoryId(105),
+            &[entry(105)],
+            LeaseAfterCommit::Release,
+            Some("first"),
+        )
+        .await
+        .unwrap();
+    let left: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&in_flight)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        ["other"],
+        "the final commit removed its own slot, only that one"
+    );
 }
