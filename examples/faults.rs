@@ -4,7 +4,8 @@
 //! cargo run --release --example faults -- --scenario kill --seed 1 --minutes 2
 //! cargo run --release --example faults -- --scenario all --seed 7 --minutes 1 --json
 //! ```
-//! Each scenario runs on a test bed of its own (its own Redis, Pub/Sub emulator, simulator,
+//! Each scenario runs on a test bed of its own (its own Redis — a cluster of three masters with
+//! a replica each for the failovers —, Pub/Sub emulator, simulator,
 //! topic and subscription, so one scenario's stranded messages never reach the next): `N`
 //! worker processes (this binary re-executed with `--worker`) behind a loopback proxy to the
 //! emulator, seeded traffic and the scenario's seeded faults for `--minutes`, then the drain
@@ -30,8 +31,9 @@ use support::Bed;
 #[command(about = "gmail-sync fault suite: workers, faults, and the checks P1-P6")]
 struct Args {
     /// A scenario name (kill, stop, term, scale, redis-restart, redis-oom, redis-latency,
-    /// pubsub, gmail, notify, stream-cut), `mixed` (all faults drawn at random), or `all`
-    /// (each single scenario in turn, then mixed)
+    /// pubsub, gmail, notify, stream-cut, redis-failover, redis-master-kill), `mixed` (all
+    /// faults drawn at random, but scale and the cluster ones), or `all` (each single scenario
+    /// in turn, then mixed)
     #[arg(long, default_value = "mixed")]
     scenario: String,
     /// Seed of the fault schedule and the traffic (a seed reproduces a schedule)
@@ -90,7 +92,7 @@ async fn run() -> anyhow::Result<()> {
             args.workers
         );
         let label = format!("faults-{}-{}", scenario.name(), args.seed);
-        let mut bed = Bed::start(&label, SimConfig::default()).await?;
+        let mut bed = Bed::start_on(&label, SimConfig::default(), scenario.redis()).await?;
         let names = driver::mailbox_names(&format!("{}-", scenario.name()), args.mailboxes);
         driver::prepare(&mut bed, &names);
         bed.add_mailboxes(&names).await?;

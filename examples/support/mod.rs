@@ -72,8 +72,13 @@ impl Bed {
     /// Redis, the emulator and the simulator of this example's own (stopped by PID when the
     /// bed is dropped or the example exits), key prefix `label`, 16 shards.
     pub async fn start(label: &str, sim: SimConfig) -> anyhow::Result<Bed> {
+        Bed::start_on(label, sim, RedisChoice::Own).await
+    }
+
+    /// [`Bed::start`] on the Redis `redis` asks for (a server or a cluster of the bed's own).
+    pub async fn start_on(label: &str, sim: SimConfig, redis: RedisChoice) -> anyhow::Result<Bed> {
         let options = Options {
-            redis: RedisChoice::Own,
+            redis,
             own_emulator: true,
             sim,
             ack_deadline_secs: 10,

@@ -3,7 +3,6 @@
 //! `cargo run --release --example faults`.
 
 use crate::harness::{Bed, BedOptions};
-use gmail_sync_testbed::bed::RedisChoice;
 use gmail_sync_testbed::faults::driver::{self, RunOptions, WorkerCommand};
 use gmail_sync_testbed::faults::{self, Scenario};
 use std::time::Duration;
@@ -17,8 +16,9 @@ async fn run(scenario: Scenario, seed: u64) {
     let mut bed = Bed::with(
         &label,
         BedOptions {
-            // Redis restarts and CONFIG SET need a server of the bed's own.
-            redis: RedisChoice::Own,
+            // Redis restarts and CONFIG SET need a server of the bed's own, failovers a
+            // cluster with replicas.
+            redis: scenario.redis(),
             ..BedOptions::default()
         },
     )
@@ -66,4 +66,12 @@ async fn pubsub_faults_hold_p1_to_p6() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_cuts_hold_p1_to_p6() {
     run(Scenario::StreamCut, 14).await;
+}
+
+/// Graceful Redis Cluster failovers (three masters with a replica each): the replica of the
+/// master serving a shard takes over mid-traffic; the workers follow the MOVED redirections
+/// without a restart and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_failovers_hold_p1_to_p6() {
+    run(Scenario::RedisFailover, 15).await;
 }

@@ -46,7 +46,7 @@ pub enum Redis {
     Shared(&'static RedisServer),
     /// A `redis-server` of the bed's own (tests that kill, restart or reconfigure Redis).
     Own(RedisServer),
-    /// A Redis Cluster of three masters of the bed's own.
+    /// A Redis Cluster of three masters of the bed's own (with or without replicas).
     Cluster(RedisCluster),
 }
 
@@ -111,6 +111,8 @@ pub enum RedisChoice {
     Secured,
     /// A cluster of the bed's own, secured the same way (TLS on the cluster bus too).
     SecuredCluster,
+    /// A cluster of the bed's own, three masters with one replica each (failovers).
+    ReplicatedCluster,
 }
 
 /// TLS and a login: what [`RedisChoice::Secured`] and [`RedisChoice::SecuredCluster`] ask for.
@@ -493,6 +495,9 @@ impl Testbed {
             }
             RedisChoice::SecuredCluster => {
                 Redis::Cluster(blocking(|| RedisCluster::start_with(SECURED)).await?)
+            }
+            RedisChoice::ReplicatedCluster => {
+                Redis::Cluster(blocking(RedisCluster::start_replicated).await?)
             }
         };
         let topic = pubsub::unique_topic(&emulator, label, opts.ack_deadline_secs)

@@ -1,8 +1,8 @@
 //! Local test bed for gmail-sync (test support only, never linked into the product binary).
 //!
 //! - [`process`]: child processes stopped by PID (on drop, on panic, and at process exit).
-//! - [`redis_server`]: real `redis-server` instances (single and a three-master cluster),
-//!   plain or secured (TLS only, logins).
+//! - [`redis_server`]: real `redis-server` instances (single and a three-master cluster, with
+//!   or without a replica per master and failovers), plain or secured (TLS only, logins).
 //! - [`pki`]: a CA and a server certificate made at test time (for TLS Redis).
 //! - [`pubsub`]: Google's Pub/Sub emulator, unique topics and subscriptions per test.
 //! - [`gmail`]: the Gmail API simulator with its ledger (the oracle for every invariant test).

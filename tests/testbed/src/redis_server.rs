@@ -1,6 +1,7 @@
 //! Real `redis-server` instances for tests: a single server on a free loopback port that a test
 //! can kill and restart on the same port, a shared server per test binary, and a Redis Cluster
-//! of three masters. Either can be secured ([`Security`]): TLS only, with a CA made for it at
+//! of three masters, with or without a replica each (then a master can fail over to its
+//! replica, gracefully or by a SIGKILL, and a killed node rejoin). Either can be secured ([`Security`]): TLS only, with a CA made for it at
 //! start ([`crate::pki`]), and a password for an ACL user.
 //!
 //! The server methods are synchronous and block for at most a few seconds (process start and
@@ -10,6 +11,7 @@
 use crate::pki::TestPki;
 use crate::process::{ChildGuard, find_executable, free_port, free_ports, fresh_dir};
 use anyhow::{Context, Result, anyhow, bail};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -499,13 +501,161 @@ pub async fn shared() -> Result<&'static RedisServer> {
     .context("shared redis-server: start task failed")?
 }
 
-/// A Redis Cluster of three masters (no replicas) on free loopback ports, created with
-/// `redis-cli --cluster create`. Dropping it kills all three servers.
+/// How many replicas each of a cluster's three masters has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replicas {
+    /// Three masters, nothing else (`--cluster-replicas 0`).
+    #[default]
+    None,
+    /// Three masters with one replica each, six nodes (`--cluster-replicas 1`): what a
+    /// failover needs.
+    OnePerMaster,
+}
+
+impl Replicas {
+    fn per_master(self) -> usize {
+        match self {
+            Replicas::None => 0,
+            Replicas::OnePerMaster => 1,
+        }
+    }
+}
+
+/// How a [`RedisCluster::failover`] promotes a master's replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failover {
+    /// `CLUSTER FAILOVER` sent to the replica: the master stops its clients, the replica
+    /// catches up with the master's replication offset, then takes the slots over; no write
+    /// the master acknowledged is lost. The old master becomes the new one's replica.
+    Graceful,
+    /// SIGKILL of the master: the others flag it failing after the node timeout
+    /// ([`NODE_TIMEOUT_MS`]) and elect its replica. Replication is asynchronous, so writes the
+    /// master acknowledged but had not yet sent to its replica are lost. The killed node stays
+    /// down until [`RedisCluster::restart_node`], which brings it back as a replica.
+    Forced,
+}
+
+/// What a failover did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promotion {
+    pub old_master: u16,
+    pub new_master: u16,
+    /// From the command (or the SIGKILL) until every live node agreed on the new master.
+    pub took: Duration,
+}
+
+/// A failover [`RedisCluster::begin_failover`] started.
+#[derive(Clone, Debug)]
+pub struct FailoverUnderWay {
+    pub how: Failover,
+    pub old_master: u16,
+    pub new_master: u16,
+    /// The old master's slots, which the new master must serve.
+    slots: Vec<(u16, u16)>,
+    started: Instant,
+}
+
+impl FailoverUnderWay {
+    /// True once `view` (a settled one) shows the replica serving the old master's slots and
+    /// the old master demoted: its replica (graceful) or flagged failed with no slots (forced).
+    pub fn is_done(&self, view: &ClusterView) -> bool {
+        let promoted = view
+            .get(&self.new_master)
+            .is_some_and(|n| n.replica_of.is_none() && n.slots == self.slots);
+        let demoted = view.get(&self.old_master).is_some_and(|n| match self.how {
+            Failover::Graceful => n.replica_of == Some(self.new_master),
+            Failover::Forced => n.failed && n.slots.is_empty(),
+        });
+        promoted && demoted
+    }
+
+    /// The promotion, timed until now (call it when [`Self::is_done`]).
+    pub fn promotion(&self) -> Promotion {
+        Promotion {
+            old_master: self.old_master,
+            new_master: self.new_master,
+            took: self.started.elapsed(),
+        }
+    }
+}
+
+impl std::fmt::Display for FailoverUnderWay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} failover of 127.0.0.1:{} to 127.0.0.1:{}",
+            self.how, self.old_master, self.new_master
+        )
+    }
+}
+
+/// True if `view` (a settled one) shows the node at `port` back as a live replica.
+pub fn rejoined(view: &ClusterView, port: u16) -> bool {
+    view.get(&port)
+        .is_some_and(|n| n.replica_of.is_some() && !n.failed)
+}
+
+/// One node as one node of the cluster sees it (a line of `CLUSTER NODES`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    pub port: u16,
+    /// `None` for a master, the port of its master for a replica.
+    pub replica_of: Option<u16>,
+    /// Flagged `fail` (the cluster agreed it is down; a mere `fail?` does not count).
+    pub failed: bool,
+    /// Slot ranges it serves (inclusive; none for a replica).
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// A node's whole view of the cluster, by port.
+pub type ClusterView = BTreeMap<u16, NodeView>;
+
+/// Masters of every cluster the test bed starts.
+const MASTERS: usize = 3;
+/// `cluster-node-timeout`, ms: a master unreachable this long is flagged failing and its
+/// replica elected. Short, so a forced failover takes seconds (measured: ~4 s from the
+/// SIGKILL to a promoted replica), long enough that a loaded CI machine does not flag a
+/// healthy node.
+pub const NODE_TIMEOUT_MS: u64 = 2_000;
+/// How long a failover may take until every live node agrees on the promoted replica: a
+/// forced one's detection and election are about twice [`NODE_TIMEOUT_MS`]; a wide margin for
+/// a loaded machine.
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replica may take to have its replication link up (a full sync of a test's
+/// data takes milliseconds; the nodes start with no diskless-sync delay).
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+/// Poll interval of the cluster's waits.
+const CLUSTER_POLL: Duration = Duration::from_millis(50);
+/// Timeout of one admin command to a node (an answer is instant; a dead node refuses).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One node process of a cluster, with what it takes to start it again.
+#[derive(Debug)]
+struct Node {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    /// The cluster arguments (`--cluster-config-file` etc.), given again on a restart.
+    extra: Vec<String>,
+    child: Mutex<ChildGuard>,
+}
+
+impl Node {
+    fn child(&self) -> MutexGuard<'_, ChildGuard> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A Redis Cluster of three masters on free loopback ports, with or without one replica per
+/// master ([`Replicas`]), created with `redis-cli --cluster create`. Its nodes can fail over
+/// ([`Self::failover`]) and be started again ([`Self::restart_node`]). Dropping it kills every
+/// node.
 #[derive(Debug)]
 pub struct RedisCluster {
-    ports: Vec<u16>,
-    nodes: Vec<ChildGuard>,
+    bin: PathBuf,
+    nodes: Vec<Node>,
     secured: Secured,
+    replicas: Replicas,
 }
 
 impl RedisCluster {
@@ -518,60 +668,35 @@ impl RedisCluster {
     /// [`Self::start`], every node (and the cluster bus) secured as `security` asks, with one
     /// CA, certificate and login for all. Blocking.
     pub fn start_with(security: Security) -> Result<RedisCluster> {
+        RedisCluster::start_layout(security, Replicas::None)
+    }
+
+    /// Three masters with one replica each (six nodes), plain. Blocking.
+    pub fn start_replicated() -> Result<RedisCluster> {
+        RedisCluster::start_layout(Security::default(), Replicas::OnePerMaster)
+    }
+
+    /// Starts `3 × (1 + replicas)` nodes secured as `security` asks, creates the cluster, and
+    /// waits until every node reports `cluster_state:ok` and the same view of the cluster
+    /// (three masters covering every slot, each with its replicas), and every replica's link
+    /// to its master is up. Blocking.
+    pub fn start_layout(security: Security, replicas: Replicas) -> Result<RedisCluster> {
         let bin = redis_server_bin()?;
         let cli = redis_cli_bin()?;
         let secured = Secured::new(security, &fresh_dir("redis-cluster-security")?)?;
-        let mut ports = Vec::new();
+        let count = MASTERS * (1 + replicas.per_master());
         let mut nodes = Vec::new();
-        for i in 0..3 {
-            let dir = fresh_dir(&format!("redis-cluster-{i}"))?;
-            let mut started = None;
-            let mut last_err = None;
-            for _ in 0..START_ATTEMPTS {
-                // Redis ≥ 7 lets us pick the cluster bus port; the default (port + 10000) could be
-                // taken or beyond 65535 for an ephemeral port.
-                let [port, bus] = free_ports(2)[..] else {
-                    unreachable!("two ports")
-                };
-                let mut extra = vec![
-                    "--cluster-enabled".to_owned(),
-                    "yes".to_owned(),
-                    "--cluster-config-file".to_owned(),
-                    dir.join("nodes.conf").display().to_string(),
-                    "--cluster-node-timeout".to_owned(),
-                    "2000".to_owned(),
-                    "--cluster-port".to_owned(),
-                    bus.to_string(),
-                ];
-                extra.extend(secured.cluster_args());
-                let _ = std::fs::remove_file(dir.join("nodes.conf"));
-                let name = format!("redis-cluster-{i}");
-                match spawn_server(&bin, &dir, port, &secured, &extra, &name) {
-                    Ok(child) => {
-                        started = Some((port, child));
-                        break;
-                    }
-                    Err(e) => last_err = Some(e),
-                }
-            }
-            let (port, child) = match started {
-                Some(s) => s,
-                None => {
-                    return Err(last_err
-                        .expect("at least one attempt")
-                        .context(format!("starting cluster node {i}")));
-                }
-            };
-            ports.push(port);
-            nodes.push(child);
+        for i in 0..count {
+            nodes.push(start_node(&bin, &secured, i)?);
         }
         let cluster = RedisCluster {
-            ports,
+            bin,
             nodes,
             secured,
+            replicas,
         };
         cluster.create(&cli)?;
-        cluster.wait_ok()?;
+        cluster.wait_formed()?;
         Ok(cluster)
     }
 
@@ -581,11 +706,11 @@ impl RedisCluster {
         cmd.args(self.secured.cli_args())
             .arg("--cluster")
             .arg("create");
-        for p in &self.ports {
-            cmd.arg(format!("127.0.0.1:{p}"));
+        for n in &self.nodes {
+            cmd.arg(format!("127.0.0.1:{}", n.port));
         }
         cmd.arg("--cluster-replicas")
-            .arg("0")
+            .arg(self.replicas.per_master().to_string())
             .arg("--cluster-yes")
             .stdin(Stdio::null());
         let child = ChildGuard::spawn("redis-cli-cluster-create", cmd, &dir)?;
@@ -610,38 +735,250 @@ impl RedisCluster {
         }
     }
 
-    fn wait_ok(&self) -> Result<()> {
-        let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
-        'nodes: for (port, node) in self.ports.iter().zip(&self.nodes) {
-            loop {
-                let info = query_string(
-                    &self.secured,
-                    *port,
-                    &["CLUSTER", "INFO"],
-                    Duration::from_secs(1),
-                );
-                if let Ok(info) = &info
-                    && info.lines().any(|l| l.trim() == "cluster_state:ok")
-                {
-                    continue 'nodes;
-                }
-                if Instant::now() >= deadline {
-                    bail!(
-                        "cluster node 127.0.0.1:{port} not cluster_state:ok within \
-                         {CLUSTER_READY_TIMEOUT:?}: {info:?}; log:\n{}",
-                        node.log_tail(30)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+    /// Waits (≤ [`CLUSTER_READY_TIMEOUT`]) for the created cluster's shape on every node, then
+    /// (≤ [`SYNC_TIMEOUT`]) for every replica's link.
+    fn wait_formed(&self) -> Result<()> {
+        let want_replicas = self.replicas.per_master();
+        let view = self.wait_settled(CLUSTER_READY_TIMEOUT, "the new cluster", |view| {
+            let masters: Vec<&NodeView> = view
+                .values()
+                .filter(|n| n.replica_of.is_none() && !n.slots.is_empty())
+                .collect();
+            masters.len() == MASTERS
+                && view.len() == self.nodes.len()
+                && masters.iter().all(|m| {
+                    view.values()
+                        .filter(|n| n.replica_of == Some(m.port))
+                        .count()
+                        == want_replicas
+                })
+        })?;
+        for replica in view.values().filter(|n| n.replica_of.is_some()) {
+            self.wait_in_sync(replica.port)?;
         }
         Ok(())
     }
 
-    /// `redis://127.0.0.1:PORT/` (`rediss://` with TLS) of the three masters (seed nodes for
-    /// `ClusterClient`); never a password.
+    fn node(&self, port: u16) -> Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .ok_or_else(|| anyhow!("no cluster node on port {port}"))
+    }
+
+    /// The view of the node at `port` (`CLUSTER NODES`).
+    pub fn view_of(&self, port: u16) -> Result<ClusterView> {
+        let text = query_string(&self.secured, port, &["CLUSTER", "NODES"], ADMIN_TIMEOUT)?;
+        parse_cluster_nodes(&text)
+    }
+
+    /// The view every running node shares, if they do and each reports `cluster_state:ok`;
+    /// otherwise what is not settled yet.
+    pub fn settled_view(&self) -> std::result::Result<ClusterView, String> {
+        let mut agreed: Option<(u16, ClusterView)> = None;
+        for node in self.nodes.iter().filter(|n| n.child().is_running()) {
+            let port = node.port;
+            let info = query_string(&self.secured, port, &["CLUSTER", "INFO"], ADMIN_TIMEOUT)
+                .map_err(|e| format!("node {port}: CLUSTER INFO: {e:#}"))?;
+            if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                return Err(format!("node {port}: not cluster_state:ok"));
+            }
+            let view = self
+                .view_of(port)
+                .map_err(|e| format!("node {port}: CLUSTER NODES: {e:#}"))?;
+            match &agreed {
+                None => agreed = Some((port, view)),
+                Some((first, seen)) if *seen != view => {
+                    return Err(format!(
+                        "nodes {first} and {port} disagree: {seen:?} vs {view:?}"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        agreed
+            .map(|(_, view)| view)
+            .ok_or_else(|| "no cluster node is running".to_string())
+    }
+
+    /// Polls [`Self::settled_view`] (bounded by `timeout`) until it holds and `want` accepts
+    /// it; the error says `what` was awaited, the last state seen and the nodes' log tails.
+    fn wait_settled(
+        &self,
+        timeout: Duration,
+        what: &str,
+        want: impl Fn(&ClusterView) -> bool,
+    ) -> Result<ClusterView> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.settled_view() {
+                Ok(view) if want(&view) => return Ok(view),
+                Ok(view) => format!("settled, but not as wanted: {view:?}"),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{what}: not settled within {timeout:?}: {last}; logs:\n{}",
+                    self.log_tail(15)
+                );
+            }
+            std::thread::sleep(CLUSTER_POLL);
+        }
+    }
+
+    /// True if the replica at `port` has its replication link to its master up and no sync in
+    /// progress (its own `INFO replication`).
+    pub fn in_sync(&self, port: u16) -> Result<bool> {
+        let info = query_string(&self.secured, port, &["INFO", "replication"], ADMIN_TIMEOUT)?;
+        let has = |want: &str| info.lines().any(|l| l.trim() == want);
+        Ok(has("role:slave") && has("master_link_status:up") && has("master_sync_in_progress:0"))
+    }
+
+    /// Waits (≤ [`SYNC_TIMEOUT`]) until [`Self::in_sync`] holds for the replica at `port`.
+    pub fn wait_in_sync(&self, port: u16) -> Result<()> {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        loop {
+            let last = match self.in_sync(port) {
+                Ok(true) => return Ok(()),
+                Ok(false) => "link not up".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "replica 127.0.0.1:{port} not in sync within {SYNC_TIMEOUT:?}: {last}; \
+                     log:\n{}",
+                    self.node(port)?.child().log_tail(20)
+                );
+            }
+            std::thread::sleep(CLUSTER_POLL);
+        }
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT` at a running node).
+    pub fn slot_of(&self, key: &str) -> Result<u16> {
+        let mut last = None;
+        for node in self.nodes.iter().filter(|n| n.child().is_running()) {
+            let client = self.secured.client(node.port)?;
+            match client.get_connection_with_timeout(ADMIN_TIMEOUT) {
+                Ok(mut con) => {
+                    con.set_read_timeout(Some(ADMIN_TIMEOUT))?;
+                    return Ok(redis::cmd("CLUSTER")
+                        .arg("KEYSLOT")
+                        .arg(key)
+                        .query::<u16>(&mut con)?);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(anyhow!(
+            "no cluster node answered CLUSTER KEYSLOT: {last:?}"
+        ))
+    }
+
+    /// Starts promoting the replica of the master at `master` (a master serving slots in
+    /// `view`, the settled view of now, whose replica is [`Self::in_sync`]; else an error):
+    /// `how` says whether the master hands over ([`Failover::Graceful`]: `CLUSTER FAILOVER` at
+    /// the replica) or is SIGKILLed ([`Failover::Forced`]). Returns at once; the failover is
+    /// over when [`FailoverUnderWay::is_done`] accepts a settled view. Blocking for one
+    /// command.
+    pub fn begin_failover(
+        &self,
+        view: &ClusterView,
+        master: u16,
+        how: Failover,
+    ) -> Result<FailoverUnderWay> {
+        let old = view
+            .get(&master)
+            .filter(|n| n.replica_of.is_none() && !n.slots.is_empty() && !n.failed)
+            .ok_or_else(|| anyhow!("127.0.0.1:{master} is not a serving master: {view:?}"))?;
+        let replica = view
+            .values()
+            .find(|n| n.replica_of == Some(master) && !n.failed)
+            .map(|n| n.port)
+            .ok_or_else(|| anyhow!("master 127.0.0.1:{master} has no live replica: {view:?}"))?;
+        if !self.in_sync(replica)? {
+            bail!("replica 127.0.0.1:{replica} of 127.0.0.1:{master} is not in sync");
+        }
+        let started = Instant::now();
+        match how {
+            Failover::Graceful => {
+                let ok = query_string(
+                    &self.secured,
+                    replica,
+                    &["CLUSTER", "FAILOVER"],
+                    ADMIN_TIMEOUT,
+                )?;
+                if ok != "OK" {
+                    bail!("CLUSTER FAILOVER at 127.0.0.1:{replica} answered {ok:?}");
+                }
+            }
+            Failover::Forced => self.node(master)?.child().kill(),
+        }
+        Ok(FailoverUnderWay {
+            how,
+            old_master: master,
+            new_master: replica,
+            slots: old.slots.clone(),
+            started,
+        })
+    }
+
+    /// Promotes the replica of the master at `master`: waits for a settled cluster and the
+    /// replica in sync, [`Self::begin_failover`], then waits until every live node agrees that
+    /// the replica serves the old master's slots (each wait ≤ [`FAILOVER_TIMEOUT`]). Blocking.
+    pub fn failover(&self, master: u16, how: Failover) -> Result<Promotion> {
+        let view = self.wait_settled(FAILOVER_TIMEOUT, "before the failover", |_| true)?;
+        if let Some(replica) = view.values().find(|n| n.replica_of == Some(master)) {
+            self.wait_in_sync(replica.port)?;
+        }
+        let under_way = self.begin_failover(&view, master, how)?;
+        self.wait_settled(FAILOVER_TIMEOUT, &under_way.to_string(), |v| {
+            under_way.is_done(v)
+        })?;
+        Ok(under_way.promotion())
+    }
+
+    /// Starts the stopped node at `port` again on its port with its `nodes.conf` (and no data:
+    /// no persistence) and waits until it answers PING; it then learns that its slots moved to
+    /// a newer master and rejoins as that master's replica ([`rejoined`] on a settled view,
+    /// then [`Self::in_sync`]). Blocking (≤ [`READY_TIMEOUT`]).
+    pub fn respawn_node(&self, port: u16) -> Result<()> {
+        let node = self.node(port)?;
+        let mut child = node.child();
+        if child.is_running() {
+            bail!("cluster node 127.0.0.1:{port} is running");
+        }
+        *child = spawn_server(
+            &self.bin,
+            &node.dir,
+            port,
+            &self.secured,
+            &node.extra,
+            &node.name,
+        )
+        .with_context(|| format!("restarting cluster node 127.0.0.1:{port}"))?;
+        Ok(())
+    }
+
+    /// [`Self::respawn_node`], then waits until every node agrees it is a replica again and its
+    /// link is up (≤ [`FAILOVER_TIMEOUT`] + [`SYNC_TIMEOUT`]). Blocking.
+    pub fn restart_node(&self, port: u16) -> Result<()> {
+        self.respawn_node(port)?;
+        self.wait_settled(
+            FAILOVER_TIMEOUT,
+            &format!("127.0.0.1:{port} rejoining"),
+            |view| rejoined(view, port),
+        )?;
+        self.wait_in_sync(port)
+    }
+
+    /// `redis://127.0.0.1:PORT/` (`rediss://` with TLS) of every node, masters and replicas
+    /// (seed nodes for `ClusterClient`); never a password.
     pub fn nodes(&self) -> Vec<String> {
-        self.ports.iter().map(|p| self.secured.url(*p)).collect()
+        self.nodes
+            .iter()
+            .map(|n| self.secured.url(n.port))
+            .collect()
     }
 
     /// The nodes' certificates and login (one for all).
@@ -649,21 +986,172 @@ impl RedisCluster {
         &self.secured
     }
 
+    /// Every node's port, in start order (not role order: a failover changes roles).
     pub fn ports(&self) -> Vec<u16> {
-        self.ports.clone()
+        self.nodes.iter().map(|n| n.port).collect()
     }
 
+    /// Every node's current PID (a restart changes it).
     pub fn pids(&self) -> Vec<u32> {
-        self.nodes.iter().map(ChildGuard::pid).collect()
+        self.nodes.iter().map(|n| n.child().pid()).collect()
     }
 
     /// The last `n` lines of every node's log.
     pub fn log_tail(&self, n: usize) -> String {
         self.nodes
             .iter()
-            .zip(&self.ports)
-            .map(|(c, p)| format!("--- node 127.0.0.1:{p}\n{}", c.log_tail(n)))
+            .map(|node| {
+                format!(
+                    "--- node 127.0.0.1:{}\n{}",
+                    node.port,
+                    node.child().log_tail(n)
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// Starts cluster node `i` on free ports (a fresh `nodes.conf`), retrying on other ports.
+fn start_node(bin: &Path, secured: &Secured, i: usize) -> Result<Node> {
+    let dir = fresh_dir(&format!("redis-cluster-{i}"))?;
+    let name = format!("redis-cluster-{i}");
+    let mut last_err = None;
+    for _ in 0..START_ATTEMPTS {
+        // Redis ≥ 7 lets us pick the cluster bus port; the default (port + 10000) could be
+        // taken or beyond 65535 for an ephemeral port.
+        let [port, bus] = free_ports(2)[..] else {
+            unreachable!("two ports")
+        };
+        let mut extra = vec![
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-config-file".to_owned(),
+            dir.join("nodes.conf").display().to_string(),
+            "--cluster-node-timeout".to_owned(),
+            NODE_TIMEOUT_MS.to_string(),
+            "--cluster-port".to_owned(),
+            bus.to_string(),
+            // A replica's full sync starts at once instead of after the default 5 s (waiting
+            // for more replicas to share one transfer, which a test does not have).
+            "--repl-diskless-sync-delay".to_owned(),
+            "0".to_owned(),
+        ];
+        extra.extend(secured.cluster_args());
+        let _ = std::fs::remove_file(dir.join("nodes.conf"));
+        match spawn_server(bin, &dir, port, secured, &extra, &name) {
+            Ok(child) => {
+                return Ok(Node {
+                    name,
+                    port,
+                    dir,
+                    extra,
+                    child: Mutex::new(child),
+                });
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err
+        .expect("at least one attempt")
+        .context(format!("starting cluster node {i}")))
+}
+
+/// The master serving `slot` in `view`.
+pub fn serving(view: &ClusterView, slot: u16) -> Option<u16> {
+    view.values()
+        .find(|n| n.replica_of.is_none() && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        .map(|n| n.port)
+}
+
+/// Parses `CLUSTER NODES`: one line per node, `id ip:port@bus[,host] flags master-id ping pong
+/// epoch link slot...`. Nodes in handshake or without an address are left out (they are not
+/// members yet); slots being migrated (`[slot->-id]`) are ignored.
+pub fn parse_cluster_nodes(text: &str) -> Result<ClusterView> {
+    struct Line {
+        id: String,
+        port: u16,
+        master_id: Option<String>,
+        failed: bool,
+        slots: Vec<(u16, u16)>,
+    }
+    let mut lines = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            bail!("CLUSTER NODES line with {} fields: {line:?}", f.len());
+        }
+        let flags: Vec<&str> = f[2].split(',').collect();
+        if flags.iter().any(|f| *f == "handshake" || *f == "noaddr") {
+            continue;
+        }
+        let host_port = f[1].split('@').next().unwrap_or_default();
+        let port: u16 = host_port
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("the port in {line:?}"))?;
+        let mut slots = Vec::new();
+        for s in f[8..].iter().filter(|s| !s.starts_with('[')) {
+            let (a, b) = s.split_once('-').unwrap_or((s, s));
+            let range = (a.parse()?, b.parse()?);
+            slots.push(range);
+        }
+        lines.push(Line {
+            id: f[0].to_string(),
+            port,
+            master_id: (f[3] != "-").then(|| f[3].to_string()),
+            failed: flags.contains(&"fail"),
+            slots,
+        });
+    }
+    let port_of: BTreeMap<&str, u16> = lines.iter().map(|l| (l.id.as_str(), l.port)).collect();
+    let mut view = ClusterView::new();
+    for l in &lines {
+        let replica_of = match &l.master_id {
+            None => None,
+            Some(id) => Some(
+                *port_of
+                    .get(id.as_str())
+                    .ok_or_else(|| anyhow!("node {} replicates unknown node {id}", l.port))?,
+            ),
+        };
+        view.insert(
+            l.port,
+            NodeView {
+                port: l.port,
+                replica_of,
+                failed: l.failed,
+                slots: l.slots.clone(),
+            },
+        );
+    }
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_lines_parse_into_roles_slots_and_failures() {
+        let text = "\
+f6f1 127.0.0.1:27100@27200 myself,slave 2bcc 0 1796287510084 7 connected
+2bcc 127.0.0.1:27104@27204 master - 0 1796287510490 7 connected 0-5460
+b8ad 127.0.0.1:27101@27201 master - 0 1796287505090 2 connected 5461-10921 10922 [10923->-f33a]
+f33a 127.0.0.1:27102@27202 master,fail - 0 1796287505090 3 disconnected
+9999 127.0.0.1:0@0 handshake,noaddr - 0 0 0 disconnected
+";
+        let view = parse_cluster_nodes(text).unwrap();
+        assert_eq!(view.len(), 4);
+        assert_eq!(view[&27100].replica_of, Some(27104));
+        assert!(view[&27100].slots.is_empty());
+        assert_eq!(view[&27104].slots, vec![(0, 5460)]);
+        assert_eq!(view[&27101].slots, vec![(5461, 10921), (10922, 10922)]);
+        assert!(view[&27102].failed && !view[&27104].failed);
+        assert_eq!(serving(&view, 10922), Some(27101));
+        assert_eq!(serving(&view, 16000), None);
+        assert!(parse_cluster_nodes("abc 127.0.0.1:1@2 master").is_err());
     }
 }

@@ -5,6 +5,7 @@ use gmail_sync_testbed::process::{self, ChildGuard};
 use gmail_sync_testbed::pubsub;
 use gmail_sync_testbed::redis_server::{self, RedisCluster, RedisServer};
 use redis::AsyncCommands;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use std::process::Command;
 use std::time::Duration;
 
@@ -119,6 +120,112 @@ async fn redis_cluster_reaches_ok_and_serves_hash_tags() {
         }
         assert!(masters_with_keys >= 2, "all keys on one node");
         let pids = cluster.pids();
+        drop(cluster);
+        for pid in pids {
+            assert!(!process::pid_alive(pid), "cluster node {pid} survived drop");
+        }
+    })
+    .await
+}
+
+/// Writes `n` keys of distinct hash tags through `con`, each acknowledged by one replica
+/// (`WAIT 1`), so a forced failover may not lose them either.
+async fn write_replicated(con: &mut redis::cluster_async::ClusterConnection, label: &str, n: u32) {
+    for i in 0..n {
+        let key = format!("{{{label}-{i}}}:k");
+        let () = con.set(&key, i).await.unwrap();
+        // WAIT names no key: route it to the master of the key's slot.
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            &key,
+            SlotAddr::Master,
+        )));
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(1).arg(5_000);
+        let acked = con.route_command(wait, route).await.unwrap();
+        assert_eq!(acked, redis::Value::Int(1), "{key} not replicated");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_with_replicas_fails_over_gracefully_and_by_sigkill() {
+    use gmail_sync_testbed::redis_server::{Failover, rejoined, serving};
+    bounded(async {
+        let cluster = std::sync::Arc::new(blocking(RedisCluster::start_replicated).await.unwrap());
+        assert_eq!(cluster.nodes().len(), 6);
+        let c = cluster.clone();
+        let view = blocking(move || c.settled_view()).await.unwrap();
+        let masters: Vec<u16> = view
+            .values()
+            .filter(|n| n.replica_of.is_none())
+            .map(|n| n.port)
+            .collect();
+        assert_eq!(masters.len(), 3, "{view:?}");
+        for m in &masters {
+            assert_eq!(
+                view.values().filter(|n| n.replica_of == Some(*m)).count(),
+                1,
+                "{view:?}"
+            );
+        }
+        let client = redis::cluster::ClusterClient::new(cluster.nodes()).unwrap();
+        let mut con = client.get_async_connection().await.unwrap();
+        write_replicated(&mut con, "before", 60).await;
+
+        // Graceful: the replica of slot 0's master takes over, the old master follows it.
+        let c = cluster.clone();
+        let (old, promotion) = blocking(move || {
+            let old = serving(&c.settled_view().unwrap(), 0).unwrap();
+            (old, c.failover(old, Failover::Graceful))
+        })
+        .await;
+        let promotion = promotion.unwrap();
+        assert_eq!(promotion.old_master, old);
+        let c = cluster.clone();
+        let view = blocking(move || c.settled_view()).await.unwrap();
+        assert_eq!(serving(&view, 0), Some(promotion.new_master));
+        assert_eq!(view[&old].replica_of, Some(promotion.new_master));
+        // The same connection follows the MOVED redirections; nothing was lost.
+        for i in 0..60 {
+            let v: u32 = con.get(format!("{{before-{i}}}:k")).await.unwrap();
+            assert_eq!(v, i);
+        }
+        write_replicated(&mut con, "after", 60).await;
+
+        // Forced: SIGKILL the master of the last slot; its replica is elected; the killed node
+        // comes back as a replica.
+        let c = cluster.clone();
+        let killed = blocking(move || {
+            let master = serving(&c.settled_view().unwrap(), 16383).unwrap();
+            c.failover(master, Failover::Forced)
+        })
+        .await
+        .unwrap();
+        let c = cluster.clone();
+        let view = blocking(move || c.settled_view()).await.unwrap();
+        assert_eq!(serving(&view, 16383), Some(killed.new_master));
+        assert!(view[&killed.old_master].failed, "{view:?}");
+        for (label, n) in [("before", 60), ("after", 60)] {
+            for i in 0..n {
+                let v: u32 = con.get(format!("{{{label}-{i}}}:k")).await.unwrap();
+                assert_eq!(v, i, "{label}-{i} (acknowledged by a replica) lost");
+            }
+        }
+        let c = cluster.clone();
+        let port = killed.old_master;
+        blocking(move || c.restart_node(port)).await.unwrap();
+        let c = cluster.clone();
+        let view = blocking(move || c.settled_view()).await.unwrap();
+        assert!(rejoined(&view, port), "{view:?}");
+        assert_eq!(view[&port].replica_of, Some(killed.new_master));
+        eprintln!(
+            "graceful failover {:?}, forced failover {:?}",
+            promotion.took, killed.took
+        );
+
+        let pids = cluster.pids();
+        drop(con);
+        drop(client);
+        let cluster = std::sync::Arc::into_inner(cluster).expect("one owner left");
         drop(cluster);
         for pid in pids {
             assert!(!process::pid_alive(pid), "cluster node {pid} survived drop");

@@ -7,6 +7,7 @@
 //! Blocking steps (a Redis restart) run under `block_in_place`, so the caller must be on a
 //! multi-threaded runtime.
 
+use super::cluster;
 use super::monitor::{self, CursorSamples};
 use super::proxy::CutProxy;
 use super::{Fault, GmailFault, Row, Scenario, Schedule, Violations};
@@ -14,6 +15,7 @@ use crate::bed::{READY_TIMEOUT, Testbed, WorkerProcess};
 use crate::check::{self, StreamEntry};
 use crate::gmail::{Endpoint, FaultAction, FaultId, FaultRule, NotificationOutcome};
 use crate::pubsub;
+use crate::redis_server::Failover;
 use anyhow::{Context, Result, anyhow};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -210,7 +212,8 @@ fn received(w: &WorkerProcess) -> u64 {
 }
 
 /// Runs `opts.scenario` on `tb`, whose `mailboxes` are created ([`create_mailboxes`]) and
-/// registered. The bed must have a Redis server of its own for the Redis scenarios.
+/// registered. The bed must have the Redis [`Scenario::redis`] names: a server of its own
+/// for the Redis scenarios, a cluster with replicas for the failovers.
 pub async fn run(
     tb: &Testbed,
     mailboxes: &[String],
@@ -365,6 +368,8 @@ enum Undo {
     RedisMemory,
     NotifyDrop,
     HistoryLag,
+    /// Start the killed cluster node on this port again.
+    RestartNode(u16),
 }
 
 /// Applies the schedule, undoes what is timed, waits for the traffic to end, brings the fleet
@@ -476,6 +481,7 @@ async fn undo_now(fleet: &mut Fleet<'_>, undo: Undo) -> Result<()> {
         }
         Undo::NotifyDrop => tb.sim.set_notify_drop_probability(0.0),
         Undo::HistoryLag => tb.sim.set_history_lag(Duration::ZERO),
+        Undo::RestartNode(port) => cluster::restart_node(tb, port).await?,
     }
     Ok(())
 }
@@ -643,6 +649,16 @@ async fn apply(
             ));
         }
         Fault::StreamCut => proxy.cut().await,
+        Fault::RedisFailover { shard } => {
+            cluster::fail_over(tb, *shard, Failover::Graceful).await?;
+        }
+        Fault::RedisMasterKill { shard, down_ms } => {
+            let promotion = cluster::fail_over(tb, *shard, Failover::Forced).await?;
+            pending.push((
+                Instant::now() + Duration::from_millis(*down_ms),
+                Undo::RestartNode(promotion.old_master),
+            ));
+        }
     }
     Ok(0)
 }

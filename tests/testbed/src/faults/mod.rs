@@ -10,14 +10,18 @@
 //!   issue: one `apply` per fault), with a [`proxy::CutProxy`] in front of the emulator and a
 //!   [`monitor`] sampling every cursor, and returns a [`Row`].
 //! - [`Row`] / [`table`]: the per-scenario report, serde-serializable for `--json`.
+//! - [`cluster`]: the Redis Cluster failovers (their scenarios run on a cluster with replicas,
+//!   [`Scenario::redis`]).
 //!
 //! Used by `examples/faults.rs` (the long runs) and `tests/integration/faults.rs` (a reduced
 //! set in CI).
 
+pub mod cluster;
 pub mod driver;
 pub mod monitor;
 pub mod proxy;
 
+use crate::bed::RedisChoice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -56,13 +60,22 @@ pub enum Scenario {
     Notify,
     /// The gRPC stream cut: the proxy resets every worker ↔ emulator connection.
     StreamCut,
-    /// All of the above, drawn at random.
+    /// Redis Cluster (three masters, a replica each): `CLUSTER FAILOVER` at the replica of
+    /// the master serving a shard (graceful: no acknowledged write lost).
+    RedisFailover,
+    /// Redis Cluster: SIGKILL of the master serving a shard; its replica is elected after the
+    /// node timeout; the killed node starts again seconds later and rejoins as a replica.
+    /// Writes the master acknowledged but had not replicated yet are lost (asynchronous
+    /// replication): cursors may move back, changes be appended twice.
+    RedisMasterKill,
+    /// All of the above, drawn at random, but scale and the cluster scenarios (the mixed run
+    /// has one single Redis server, which the Redis faults above need).
     Mixed,
 }
 
 impl Scenario {
     /// Every single scenario (not `Mixed`), in the order `all` runs them.
-    pub const SINGLE: [Scenario; 11] = [
+    pub const SINGLE: [Scenario; 13] = [
         Scenario::Kill,
         Scenario::Stop,
         Scenario::Term,
@@ -74,6 +87,8 @@ impl Scenario {
         Scenario::Gmail,
         Scenario::Notify,
         Scenario::StreamCut,
+        Scenario::RedisFailover,
+        Scenario::RedisMasterKill,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +104,8 @@ impl Scenario {
             Scenario::Gmail => "gmail",
             Scenario::Notify => "notify",
             Scenario::StreamCut => "stream-cut",
+            Scenario::RedisFailover => "redis-failover",
+            Scenario::RedisMasterKill => "redis-master-kill",
             Scenario::Mixed => "mixed",
         }
     }
@@ -98,6 +115,16 @@ impl Scenario {
             .into_iter()
             .chain([Scenario::Mixed])
             .find(|s| s.name() == name)
+    }
+
+    /// The Redis a run of this scenario needs: a cluster with replicas for the failovers, a
+    /// server of the bed's own for the rest (restarts, `CONFIG SET`, `CLIENT PAUSE`).
+    pub fn redis(self) -> RedisChoice {
+        if cluster::on_cluster(self) {
+            RedisChoice::ReplicatedCluster
+        } else {
+            RedisChoice::Own
+        }
     }
 
     /// True if a run of this scenario SIGKILLs workers or cuts their streams: the emulator
@@ -185,6 +212,17 @@ pub enum Fault {
     },
     /// Reset every worker ↔ emulator connection.
     StreamCut,
+    /// Graceful failover of the cluster master serving shard `shard` (modulo the bed's
+    /// shard count).
+    RedisFailover {
+        shard: u32,
+    },
+    /// SIGKILL of the cluster master serving shard `shard` (modulo the bed's shard count);
+    /// started again `down_ms` after its replica took over.
+    RedisMasterKill {
+        shard: u32,
+        down_ms: u64,
+    },
 }
 
 impl Fault {
@@ -207,6 +245,8 @@ impl Fault {
             Fault::DropNotifications { .. } => "drop-notifications".into(),
             Fault::HistoryLag { .. } => "history-lag".into(),
             Fault::StreamCut => "stream-cut".into(),
+            Fault::RedisFailover { .. } => "redis-failover".into(),
+            Fault::RedisMasterKill { .. } => "redis-master-kill".into(),
         }
     }
 }
@@ -272,6 +312,12 @@ fn gaps(scenario: Scenario) -> (u64, u64) {
     match scenario {
         Scenario::Kill | Scenario::Term | Scenario::Stop => (5_000, 9_000),
         Scenario::RedisRestart | Scenario::RedisOom => (6_000, 10_000),
+        // A graceful failover takes tens of ms; a few seconds let the fleet work on the new
+        // master before the next one.
+        Scenario::RedisFailover => (4_000, 7_000),
+        // A forced one: ~4 s until the replica is elected, 2–4 s until the killed node
+        // restarts, a moment for it to sync; the next kill needs that replica in sync.
+        Scenario::RedisMasterKill => (10_000, 13_000),
         Scenario::Mixed => (3_000, 6_000),
         _ => (2_000, 5_000),
     }
@@ -328,11 +374,14 @@ fn draw(scenario: Scenario, rng: &mut StdRng, workers: usize) -> Fault {
             }
         }
         Scenario::StreamCut => Fault::StreamCut,
+        Scenario::RedisFailover | Scenario::RedisMasterKill => cluster::draw(scenario, rng),
         Scenario::Mixed => {
-            // Scale is left out of the mix: it is a fleet shape, not an event.
+            // Scale is left out of the mix: it is a fleet shape, not an event. So are the
+            // cluster failovers: the mix runs on one Redis server (its other Redis faults
+            // need one).
             let menu: Vec<Scenario> = Scenario::SINGLE
                 .into_iter()
-                .filter(|s| *s != Scenario::Scale)
+                .filter(|s| *s != Scenario::Scale && s.redis() == Scenario::Mixed.redis())
                 .collect();
             let pick = menu[rng.random_range(0..menu.len())];
             draw(pick, rng, workers)
@@ -411,7 +460,7 @@ impl Row {
 /// The rows as a fixed-width text table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<14} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
+        "{:<17} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
         "scenario",
         "seed",
         "changes",
@@ -430,7 +479,7 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let v = &r.violations;
         out.push_str(&format!(
-            "{:<14} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
+            "{:<17} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
             r.scenario.name(),
             r.seed,
             r.changes,

@@ -1,12 +1,13 @@
 //! P3, sampled continuously: every mailbox's cursor read every [`SAMPLE_EVERY`]; a cursor that
 //! is ever lower than one read before is a regression.
 //!
-//! One pipeline of `HGET`s per round on its own connection (the driver's other Redis calls
-//! never queue behind it). A round that fails (Redis restarting, refusing, paused) is counted
+//! One pipeline of `HGET`s per shard and round (a cluster pipeline must stay in one slot, and
+//! a shard's keys share one) on its own connection, single server or cluster (the driver's
+//! other Redis calls never queue behind it). A round that fails (Redis restarting, refusing, paused) is counted
 //! and skipped: the monitor sees the cursor again when Redis answers, and a regression across
 //! the gap still shows, because the last value read is kept.
 
-use crate::bed::{Keys, Testbed};
+use crate::bed::{Keys, RawConnection, Testbed};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +39,11 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let keys: Keys = tb.keys();
+    // The mailboxes by shard, each group one pipeline.
+    let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for m in mailboxes {
+        by_shard.entry(keys.shard_of(&m)).or_default().push(m);
+    }
     let mut con = None;
     loop {
         tokio::select! {
@@ -55,16 +61,12 @@ pub async fn run(
             }
         }
         let c = con.as_mut().expect("connected above");
-        let mut pipe = redis::pipe();
-        for m in &mailboxes {
-            pipe.cmd("HGET").arg(keys.state(m)).arg("cursor");
-        }
-        let read: redis::RedisResult<Vec<Option<String>>> = pipe.query_async(c).await;
+        let read = read_round(c, &keys, &by_shard).await;
         let mut rec = lock(&record);
         match read {
             Ok(values) => {
                 rec.rounds += 1;
-                for (m, v) in mailboxes.iter().zip(values) {
+                for (m, v) in values {
                     let Some(now) = v.and_then(|v| v.parse::<u64>().ok()) else {
                         continue;
                     };
@@ -82,6 +84,24 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Every mailbox's cursor, one pipeline per shard; the first error fails the round.
+async fn read_round<'a>(
+    con: &mut RawConnection,
+    keys: &Keys,
+    by_shard: &'a BTreeMap<u32, Vec<String>>,
+) -> redis::RedisResult<Vec<(&'a String, Option<String>)>> {
+    let mut out = Vec::new();
+    for mailboxes in by_shard.values() {
+        let mut pipe = redis::pipe();
+        for m in mailboxes {
+            pipe.cmd("HGET").arg(keys.state(m)).arg("cursor");
+        }
+        let values: Vec<Option<String>> = pipe.query_async(con).await?;
+        out.extend(mailboxes.iter().zip(values));
+    }
+    Ok(out)
 }
 
 fn lock(m: &Mutex<CursorSamples>) -> std::sync::MutexGuard<'_, CursorSamples> {
