@@ -239,40 +239,21 @@ impl Syncer {
     ) -> SyncOutcome {
         let lease = Lease::new(self.settings.mailbox_lease);
         let started = std::time::Instant::now();
-        let cursor = match self.store.begin(mailbox, target, &lease).await {
-            Err(e) => return SyncOutcome::Failed(e.into()),
-            Ok(Begin::Unknown) => return SyncOutcome::Unknown,
-            Ok(Begin::NeedsAttention { cursor }) => return SyncOutcome::NeedsAttention { cursor },
-            Ok(Begin::UpToDate { cursor }) => return SyncOutcome::UpToDate { cursor },
-            Ok(Begin::Busy { cursor }) => {
-                Counters::inc(&self.counters.lease_busy);
-                return SyncOutcome::Busy { cursor };
-            }
-            Ok(Begin::Leased { cursor }) => cursor,
-        };
-        // Asked only now, with the lease taken: a covered target, a busy lease or an unknown
+        // Asked only with the lease taken: a covered target, a busy lease or an unknown
         // mailbox makes no Gmail call and so costs no quota. A wait gives the lease back at
         // once, so nothing is held while the work waits (in the coalescer, as a deferral).
         let prepaid = self.gmail.quota_units(match start {
             Start::History => Method::HistoryList,
             Start::FullResync(_) => Method::GetProfile,
         });
-        let permit = match self
-            .gmail
-            .governor()
-            .admit(mailbox, priority, prepaid)
-            .await
-        {
-            Ok(Admission::Granted(permit)) => permit,
-            Ok(Admission::Wait(deferral)) => {
-                let _ = self.store.release_lease(mailbox, &lease).await;
-                return SyncOutcome::Deferred(deferral);
-            }
+        let (cursor, permit) = match self.open(mailbox, target, &lease, priority, prepaid).await {
             Err(e) => {
+                // Best effort: whatever the failed step took, the TTLs free it anyway.
                 let _ = self.store.release_lease(mailbox, &lease).await;
-                Counters::inc(&self.counters.sync_errors_retryable);
-                return SyncOutcome::Failed(e.into());
+                return SyncOutcome::Failed(e);
             }
+            Ok(Opening::Closed(outcome)) => return outcome,
+            Ok(Opening::Admitted { cursor, permit }) => (cursor, permit),
         };
         let span = tracing::info_span!(
             "sync",
@@ -386,6 +367,76 @@ impl Syncer {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// `begin` (take the lease if `target` is not covered yet), then the quota admission of the
+    /// first call: in one script where the store allows it (a single Redis), else one after
+    /// the other (a cluster: the project's budget is in a slot of its own; or the governor is
+    /// off: no admission). A refused admission has given the lease back when this returns.
+    async fn open(
+        &self,
+        mailbox: &Mailbox,
+        target: HistoryId,
+        lease: &Lease,
+        priority: Priority,
+        prepaid: u64,
+    ) -> Result<Opening, SyncError> {
+        let governor = self.gmail.governor();
+        let request = governor.request(mailbox, priority, prepaid);
+        if let Some(request) = request.filter(|_| self.store.can_begin_admit()) {
+            let (begin, reply) = self
+                .store
+                .begin_admit(
+                    mailbox,
+                    target,
+                    lease,
+                    prepaid,
+                    &request.windows,
+                    request.slot(),
+                )
+                .await?;
+            let cursor = match self.leased(begin) {
+                Ok(cursor) => cursor,
+                Err(outcome) => return Ok(Opening::Closed(outcome)),
+            };
+            let reply = reply.ok_or_else(|| {
+                StoreError::Protocol("begin_admit: a lease taken without its charge".into())
+            })?;
+            return Ok(match request.decide(reply) {
+                Admission::Granted(permit) => Opening::Admitted { cursor, permit },
+                // The script gave the lease back with the refusal.
+                Admission::Wait(deferral) => Opening::Closed(SyncOutcome::Deferred(deferral)),
+            });
+        }
+        let cursor = match self.leased(self.store.begin(mailbox, target, lease).await?) {
+            Ok(cursor) => cursor,
+            Err(outcome) => return Ok(Opening::Closed(outcome)),
+        };
+        match governor.admit(mailbox, priority, prepaid).await {
+            Ok(Admission::Granted(permit)) => Ok(Opening::Admitted { cursor, permit }),
+            Ok(Admission::Wait(deferral)) => {
+                let _ = self.store.release_lease(mailbox, lease).await;
+                Ok(Opening::Closed(SyncOutcome::Deferred(deferral)))
+            }
+            Err(e) => {
+                Counters::inc(&self.counters.sync_errors_retryable);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The cursor to sync from if `begin` took the lease, else what the sync comes to.
+    fn leased(&self, begin: Begin) -> Result<HistoryId, SyncOutcome> {
+        match begin {
+            Begin::Leased { cursor } => Ok(cursor),
+            Begin::Unknown => Err(SyncOutcome::Unknown),
+            Begin::NeedsAttention { cursor } => Err(SyncOutcome::NeedsAttention { cursor }),
+            Begin::UpToDate { cursor } => Err(SyncOutcome::UpToDate { cursor }),
+            Begin::Busy { cursor } => {
+                Counters::inc(&self.counters.lease_busy);
+                Err(SyncOutcome::Busy { cursor })
             }
         }
     }
@@ -705,6 +756,15 @@ struct Progress {
     cursor: HistoryId,
     pages: u32,
     changes: u64,
+}
+
+/// How the opening of a sync ([`Syncer::open`]) went.
+enum Opening {
+    /// The sync ends here (nothing held): not registered, needs attention, covered, leased
+    /// elsewhere, or deferred by the quota governor.
+    Closed(SyncOutcome),
+    /// The lease is ours, from `cursor`, and the first Gmail call is paid for.
+    Admitted { cursor: HistoryId, permit: Permit },
 }
 
 /// The target of a sync that has no notification to satisfy: every historyId is below it, so

@@ -115,6 +115,43 @@ pub enum Admission {
     Wait(Deferral),
 }
 
+/// One admission as the script needs it: the windows to charge and the in-flight slot to take.
+pub struct AdmissionRequest<'a> {
+    shared: Arc<Shared>,
+    mailbox: &'a Mailbox,
+    priority: Priority,
+    pub windows: Vec<WindowCharge<'a>>,
+    token: String,
+    cap: u32,
+}
+
+impl<'a> AdmissionRequest<'a> {
+    /// The in-flight slot the admission takes.
+    pub fn slot(&self) -> SlotRequest<'_> {
+        SlotRequest {
+            mailbox: self.mailbox,
+            token: &self.token,
+            cap: self.cap,
+            ttl: SLOT_TTL,
+        }
+    }
+
+    /// The script's answer as the decision, counted: granted with the slot's permit, or wait.
+    pub fn decide(self, reply: ChargeReply) -> Admission {
+        match self.shared.judge(reply, &self.windows, self.priority) {
+            Payment::Paid => Admission::Granted(Permit {
+                held: Some(Held {
+                    shared: self.shared.clone(),
+                    mailbox: self.mailbox.clone(),
+                    token: self.token,
+                }),
+                given_back: AtomicBool::new(false),
+            }),
+            Payment::Wait(d) => Admission::Wait(d),
+        }
+    }
+}
+
 /// The answer to [`Governor::pay`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Payment {
@@ -192,31 +229,39 @@ impl Governor {
         priority: Priority,
         units: u64,
     ) -> Result<Admission, QuotaError> {
-        let Some(shared) = &self.shared else {
+        let Some(request) = self.request(mailbox, priority, units) else {
             return Ok(Admission::Granted(Permit::none()));
         };
-        let token = format!("{:032x}", rand::random::<u128>());
-        let windows = shared.windows(mailbox, priority, units);
-        let slot = SlotRequest {
-            mailbox,
-            token: &token,
-            cap: policy::in_flight_for(shared.limits.user_in_flight, priority),
-            ttl: SLOT_TTL,
-        };
-        let reply = shared
+        let reply = request
+            .shared
             .store
-            .quota_charge(units, &windows, Some(slot), ChargeMode::Admit)
+            .quota_charge(
+                units,
+                &request.windows,
+                Some(request.slot()),
+                ChargeMode::Admit,
+            )
             .await?;
-        Ok(match shared.judge(reply, &windows, priority) {
-            Payment::Paid => Admission::Granted(Permit {
-                held: Some(Held {
-                    shared: shared.clone(),
-                    mailbox: mailbox.clone(),
-                    token,
-                }),
-                given_back: AtomicBool::new(false),
-            }),
-            Payment::Wait(d) => Admission::Wait(d),
+        Ok(request.decide(reply))
+    }
+
+    /// The admission [`Governor::admit`] would ask for, to be sent by the caller (with
+    /// `begin`, in one script: [`Store::begin_admit`]) and decided by
+    /// [`AdmissionRequest::decide`]; `None` when the governor is off (admitted, no slot).
+    pub fn request<'a>(
+        &self,
+        mailbox: &'a Mailbox,
+        priority: Priority,
+        units: u64,
+    ) -> Option<AdmissionRequest<'a>> {
+        let shared = self.shared.as_ref()?;
+        Some(AdmissionRequest {
+            shared: shared.clone(),
+            mailbox,
+            priority,
+            windows: shared.windows(mailbox, priority, units),
+            token: format!("{:032x}", rand::random::<u128>()),
+            cap: policy::in_flight_for(shared.limits.user_in_flight, priority),
         })
     }
 
@@ -374,7 +419,7 @@ pub struct Permit {
 
 impl Permit {
     /// A permit without a slot (the governor is off).
-    fn none() -> Permit {
+    pub(crate) fn none() -> Permit {
         Permit {
             held: None,
             given_back: AtomicBool::new(false),

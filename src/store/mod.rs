@@ -273,23 +273,27 @@ impl Store {
             .conn
             .retrying(|mut c| {
                 let mut inv = BEGIN.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.lease(mailbox))
-                    .arg(target.to_string())
-                    .arg(&lease.token)
-                    .arg(lease.ttl_ms());
+                self.begin_invocation(&mut inv, mailbox, target, lease);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        let cursor = || parse_cursor(&cursor);
-        Ok(match outcome.as_str() {
-            "unknown" => Begin::Unknown,
-            "attention" => Begin::NeedsAttention { cursor: cursor()? },
-            "up_to_date" => Begin::UpToDate { cursor: cursor()? },
-            "leased" => Begin::Leased { cursor: cursor()? },
-            "busy" => Begin::Busy { cursor: cursor()? },
-            other => return Err(StoreError::Protocol(format!("begin: {other}"))),
-        })
+        begin_reply(&outcome, &cursor)
+    }
+
+    /// `begin.lua`'s keys and arguments, appended to `inv` (alone, or first in
+    /// `begin_admit`).
+    fn begin_invocation(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        mailbox: &Mailbox,
+        target: HistoryId,
+        lease: &Lease,
+    ) {
+        inv.key(self.keys.state(mailbox))
+            .key(self.keys.lease(mailbox))
+            .arg(target.to_string())
+            .arg(&lease.token)
+            .arg(lease.ttl_ms());
     }
 
     /// Appends `entries` and moves the cursor from `from` to `to` in one script, if the lease is
@@ -460,6 +464,19 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
+}
+
+/// `begin.lua`'s reply as a [`Begin`].
+fn begin_reply(outcome: &str, cursor: &str) -> Result<Begin, StoreError> {
+    let cursor = || parse_cursor(cursor);
+    Ok(match outcome {
+        "unknown" => Begin::Unknown,
+        "attention" => Begin::NeedsAttention { cursor: cursor()? },
+        "up_to_date" => Begin::UpToDate { cursor: cursor()? },
+        "leased" => Begin::Leased { cursor: cursor()? },
+        "busy" => Begin::Busy { cursor: cursor()? },
+        other => return Err(StoreError::Protocol(format!("begin: {other}"))),
+    })
 }
 
 fn parse_cursor(raw: &str) -> Result<HistoryId, StoreError> {

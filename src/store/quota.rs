@@ -8,7 +8,8 @@
 //! two script calls — the user's first (the budget that refuses most often), then the
 //! project's, refunding the user's if the project refuses. On a single Redis it is one call.
 
-use super::{Store, StoreError};
+use super::{Begin, Lease, Store, StoreError, begin_reply};
+use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use crate::store::RedisConnection;
 use redis::Script;
@@ -18,6 +19,20 @@ use std::time::Duration;
 static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("quota_charge.lua")));
 static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("quota_refund.lua")));
 static BLOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("quota_block.lua")));
+static BEGIN_ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(&begin_admit_source()));
+
+/// `begin_admit.lua` with the bodies of `begin.lua` and `quota_charge.lua` as its functions
+/// `begin(KEYS, ARGV)` and `charge(KEYS, ARGV)` (their parameters shadow the globals, so each
+/// body runs unchanged on its own slice of the keys and arguments): one source of truth for
+/// each step, whether it runs alone or combined.
+fn begin_admit_source() -> String {
+    format!(
+        "local function begin(KEYS, ARGV)\n{}\nend\nlocal function charge(KEYS, ARGV)\n{}\nend\n{}",
+        include_str!("begin.lua"),
+        include_str!("quota_charge.lua"),
+        include_str!("begin_admit.lua")
+    )
+}
 
 /// Which budget's window a charge or a block addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,51 +183,91 @@ impl Store {
             .conn
             .retrying(|mut c| {
                 let mut inv = CHARGE.prepare_invoke();
-                for &i in group {
-                    inv.key(self.window_key(windows[i].key));
-                }
-                if let Some(s) = slot {
-                    inv.key(self.keys.in_flight(s.mailbox));
-                }
-                inv.arg(units)
-                    .arg(match mode {
-                        ChargeMode::Admit => "admit",
-                        ChargeMode::Record => "record",
-                    })
-                    .arg(slot.map_or("", |s| s.token))
-                    .arg(slot.map_or(0, |s| s.cap))
-                    .arg(slot.map_or(0, |s| (s.ttl.as_millis() as u64).max(1)))
-                    .arg(group.len());
-                for &i in group {
-                    let w = &windows[i];
-                    inv.arg(w.limit)
-                        .arg(w.span.as_millis() as u64)
-                        .arg((w.bucket.as_millis() as u64).max(1));
-                }
+                self.charge_invocation(&mut inv, units, windows, group, slot, mode);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        let window = |i: i64| {
-            usize::try_from(i - 1)
-                .ok()
-                .and_then(|k| group.get(k).copied())
-                .ok_or_else(|| StoreError::Protocol(format!("quota_charge: window {i}")))
-        };
-        let wait = Duration::from_millis(value.max(0) as u64);
-        let reply = match outcome.as_str() {
-            "ok" => return Ok((ChargeReply::Charged, value.max(0) as u64)),
-            "spent" => ChargeReply::Spent {
-                index: window(index)?,
-                wait,
-            },
-            "blocked" => ChargeReply::Blocked {
-                index: window(index)?,
-                wait,
-            },
-            "in_flight" => ChargeReply::InFlight,
-            other => return Err(StoreError::Protocol(format!("quota_charge: {other}"))),
-        };
-        Ok((reply, 0))
+        charge_reply(&outcome, index, value, group)
+    }
+
+    /// `quota_charge.lua`'s keys and arguments for a charge over `windows[group]`, appended to
+    /// `inv` (alone, or after `begin`'s in `begin_admit`).
+    fn charge_invocation(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        units: u64,
+        windows: &[WindowCharge<'_>],
+        group: &[usize],
+        slot: Option<SlotRequest<'_>>,
+        mode: ChargeMode,
+    ) {
+        for &i in group {
+            inv.key(self.window_key(windows[i].key));
+        }
+        if let Some(s) = slot {
+            inv.key(self.keys.in_flight(s.mailbox));
+        }
+        inv.arg(units)
+            .arg(match mode {
+                ChargeMode::Admit => "admit",
+                ChargeMode::Record => "record",
+            })
+            .arg(slot.map_or("", |s| s.token))
+            .arg(slot.map_or(0, |s| s.cap))
+            .arg(slot.map_or(0, |s| (s.ttl.as_millis() as u64).max(1)))
+            .arg(group.len());
+        for &i in group {
+            let w = &windows[i];
+            inv.arg(w.limit)
+                .arg(w.span.as_millis() as u64)
+                .arg((w.bucket.as_millis() as u64).max(1));
+        }
+    }
+
+    /// Whether [`Store::begin_admit`] can do `begin` and the admission in one script: on a
+    /// single Redis always; on a cluster the project's windows are in a slot of their own.
+    pub fn can_begin_admit(&self) -> bool {
+        !matches!(self.conn, RedisConnection::Cluster(_))
+    }
+
+    /// [`Store::begin`], then, if it took the lease, [`Store::quota_charge`] of `units` to
+    /// `windows` with `slot` in mode admit, in one script; a refused charge gives the lease
+    /// back in the same step. `None` for the charge when the lease was not taken (nothing was
+    /// charged). Only where [`Store::can_begin_admit`].
+    pub async fn begin_admit(
+        &self,
+        mailbox: &Mailbox,
+        target: HistoryId,
+        lease: &Lease,
+        units: u64,
+        windows: &[WindowCharge<'_>],
+        slot: SlotRequest<'_>,
+    ) -> Result<(Begin, Option<ChargeReply>), StoreError> {
+        let all: Vec<usize> = (0..windows.len()).collect();
+        // A retry after a lost reply finds its own lease (begin) and charges again: that
+        // over-counts, which is safe (as a retried charge alone).
+        let (outcome, cursor, charged, index, value): (String, String, String, i64, i64) = self
+            .conn
+            .retrying(|mut c| {
+                let mut inv = BEGIN_ADMIT.prepare_invoke();
+                self.begin_invocation(&mut inv, mailbox, target, lease);
+                self.charge_invocation(
+                    &mut inv,
+                    units,
+                    windows,
+                    &all,
+                    Some(slot),
+                    ChargeMode::Admit,
+                );
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        let begin = begin_reply(&outcome, &cursor)?;
+        if !matches!(begin, Begin::Leased { .. }) {
+            return Ok((begin, None));
+        }
+        let (reply, _) = charge_reply(&charged, index, value, &all)?;
+        Ok((begin, Some(reply)))
     }
 
     async fn refund_group(
@@ -245,4 +300,34 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// `quota_charge.lua`'s reply as a [`ChargeReply`] (and Redis's time of a charge made).
+fn charge_reply(
+    outcome: &str,
+    index: i64,
+    value: i64,
+    group: &[usize],
+) -> Result<(ChargeReply, u64), StoreError> {
+    let window = |i: i64| {
+        usize::try_from(i - 1)
+            .ok()
+            .and_then(|k| group.get(k).copied())
+            .ok_or_else(|| StoreError::Protocol(format!("quota_charge: window {i}")))
+    };
+    let wait = Duration::from_millis(value.max(0) as u64);
+    let reply = match outcome {
+        "ok" => return Ok((ChargeReply::Charged, value.max(0) as u64)),
+        "spent" => ChargeReply::Spent {
+            index: window(index)?,
+            wait,
+        },
+        "blocked" => ChargeReply::Blocked {
+            index: window(index)?,
+            wait,
+        },
+        "in_flight" => ChargeReply::InFlight,
+        other => return Err(StoreError::Protocol(format!("quota_charge: {other}"))),
+    };
+    Ok((reply, 0))
 }

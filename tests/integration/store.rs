@@ -5,7 +5,7 @@ use gmail_sync::history_id::HistoryId;
 use gmail_sync::mailbox::Mailbox;
 use gmail_sync::store::{
     AttentionKind, AttentionSource, Begin, ChangeEntry, ChangeKind, ChargeMode, ChargeReply, Lease,
-    LeaseAfterCommit, SlotRequest, StoreError, WatchPlan,
+    LeaseAfterCommit, QuotaKey, SlotRequest, StoreError, WatchPlan, WindowCharge,
 };
 use std::time::Duration;
 
@@ -414,5 +414,142 @@ async fn the_final_commit_gives_the_in_flight_slot_back() {
         left,
         ["other"],
         "the final commit removed its own slot, only that one"
+    );
+}
+
+/// `begin_admit` (begin and the quota admission in one script, single Redis): nothing is
+/// charged unless the lease is taken; a charge that fits takes the slot and keeps the lease; a
+/// refused one gives the lease back in the same step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_admit_charges_only_a_lease_taken_and_gives_it_back_when_refused() {
+    let bed = Bed::start("store-begin-admit").await;
+    let store = bed.store().await;
+    assert!(store.can_begin_admit());
+    let m = Mailbox::parse("admit@example.com").unwrap();
+    store
+        .register(&m, HistoryId(100), &idle_plan())
+        .await
+        .unwrap();
+    let mut con = bed.redis().await;
+    let user_window = |limit| WindowCharge {
+        key: QuotaKey::User(&m),
+        limit,
+        span: Duration::from_secs(60),
+        bucket: Duration::from_secs(1),
+    };
+    let slot = |token| SlotRequest {
+        mailbox: &m,
+        token,
+        cap: 1,
+        ttl: Duration::from_secs(60),
+    };
+    let charged = |con: &mut redis::aio::MultiplexedConnection| {
+        let key = store.keys().quota_user(&m);
+        let mut con = con.clone();
+        async move {
+            let fields: Vec<(String, u64)> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            fields
+                .iter()
+                .filter(|(f, _)| f != "b")
+                .map(|(_, v)| v)
+                .sum::<u64>()
+        }
+    };
+
+    // Covered target: not leased, nothing charged.
+    let lease = Lease::new(Duration::from_secs(10));
+    let (begin, reply) = store
+        .begin_admit(&m, HistoryId(100), &lease, 2, &[user_window(10)], slot("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        begin,
+        Begin::UpToDate {
+            cursor: HistoryId(100)
+        }
+    );
+    assert_eq!(reply, None);
+    assert_eq!(charged(&mut con).await, 0);
+
+    // Behind: leased and charged, slot taken.
+    let (begin, reply) = store
+        .begin_admit(&m, HistoryId(105), &lease, 2, &[user_window(10)], slot("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        begin,
+        Begin::Leased {
+            cursor: HistoryId(100)
+        }
+    );
+    assert_eq!(reply, Some(ChargeReply::Charged));
+    assert_eq!(charged(&mut con).await, 2);
+
+    // Another sync while the lease is held: busy, nothing charged.
+    let other = Lease::new(Duration::from_secs(10));
+    let (begin, reply) = store
+        .begin_admit(&m, HistoryId(105), &other, 2, &[user_window(10)], slot("b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        begin,
+        Begin::Busy {
+            cursor: HistoryId(100)
+        }
+    );
+    assert_eq!(reply, None);
+    assert_eq!(charged(&mut con).await, 2);
+
+    // The first sync ends (lease and slot given back); a charge that does not fit is refused
+    // and the lease it took is given back at once.
+    store
+        .commit(
+            &m,
+            &lease,
+            HistoryId(100),
+            HistoryId(105),
+            &[entry(105)],
+            LeaseAfterCommit::Release,
+            Some("a"),
+        )
+        .await
+        .unwrap();
+    let (begin, reply) = store
+        .begin_admit(
+            &m,
+            HistoryId(109),
+            &other,
+            20,
+            &[user_window(10)],
+            slot("b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        begin,
+        Begin::Leased {
+            cursor: HistoryId(105)
+        }
+    );
+    assert!(
+        matches!(reply, Some(ChargeReply::Spent { index: 0, .. })),
+        "{reply:?}"
+    );
+    assert_eq!(
+        charged(&mut con).await,
+        2,
+        "a refused charge writes nothing"
+    );
+    let third = Lease::new(Duration::from_secs(10));
+    assert!(
+        matches!(
+            store.begin(&m, HistoryId(109), &third).await.unwrap(),
+            Begin::Leased { .. }
+        ),
+        "the refused admission gave its lease back"
     );
 }
