@@ -34,6 +34,12 @@ pub const LEASE_MS: u64 = 3_000;
 /// every mailbox up to date within about this long anyway, so the drain bound does not depend
 /// on the emulator's redelivery.
 const FALLBACK_SILENCE_SECS: &str = "10";
+/// `GMAIL_SYNC_CLAIM_TIMEOUT_SECS` of the suite's workers (default 120). A SIGKILLed worker's
+/// scheduler claims keep their mailboxes from every other replica's fallback sync until they
+/// lapse; with the default, a mailbox whose last notification the emulator stranded waited up
+/// to two minutes for its fallback sync (a 2-minute kill run drained in 57 s, 10.6 s with
+/// this), so the drain bound would hang on the claim timeout instead of the fallback silence.
+const CLAIM_TIMEOUT_SECS: &str = "10";
 /// How long after a SIGTERM a worker may take to exit (its drain timeout is 10 s, below).
 pub const EXIT_BOUND: Duration = Duration::from_secs(30);
 /// The drain bound: fallback silence + jitter + a sync, with a wide margin for a loaded CI
@@ -90,6 +96,7 @@ fn suite_env() -> Vec<(String, String)> {
             "GMAIL_SYNC_FALLBACK_SILENCE_SECS",
             FALLBACK_SILENCE_SECS.into(),
         ),
+        ("GMAIL_SYNC_CLAIM_TIMEOUT_SECS", CLAIM_TIMEOUT_SECS.into()),
         ("GMAIL_SYNC_FALLBACK_JITTER_SECS", "2".into()),
         ("GMAIL_SYNC_SHUTDOWN_TIMEOUT_SECS", "10".into()),
         ("GMAIL_SYNC_GMAIL_TIMEOUT_SECS", GMAIL_TIMEOUT_SECS.into()),
