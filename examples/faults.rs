@@ -31,9 +31,9 @@ use support::Bed;
 #[command(about = "gmail-sync fault suite: workers, faults, and the checks P1-P6")]
 struct Args {
     /// A scenario name (kill, stop, term, scale, redis-restart, redis-oom, redis-latency,
-    /// pubsub, gmail, notify, stream-cut, redis-failover, redis-master-kill), `mixed` (all
-    /// faults drawn at random, but scale and the cluster ones), or `all` (each single scenario
-    /// in turn, then mixed)
+    /// pubsub, gmail, gmail-404, notify, stream-cut, redis-failover, redis-master-kill), `mixed`
+    /// (all faults drawn at random, but scale and the cluster ones), or `all` (each single
+    /// scenario in turn, then mixed)
     #[arg(long, default_value = "mixed")]
     scenario: String,
     /// Seed of the fault schedule and the traffic (a seed reproduces a schedule)
@@ -106,6 +106,9 @@ async fn run() -> anyhow::Result<()> {
         let row = driver::run(&bed, &names, &cmd, &opts).await?;
         for d in row.details.iter().take(10) {
             eprintln!("  {d}");
+        }
+        if row.resyncs > 0 {
+            eprintln!("  {} resyncs listed {} messages", row.resyncs, row.listed);
         }
         eprint!("{}", faults::table(std::slice::from_ref(&row)));
         rows.push(row);

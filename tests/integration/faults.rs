@@ -4,14 +4,14 @@
 
 use crate::harness::{Bed, BedOptions};
 use gmail_sync_testbed::faults::driver::{self, RunOptions, WorkerCommand};
-use gmail_sync_testbed::faults::{self, Scenario};
+use gmail_sync_testbed::faults::{self, Row, Scenario};
 use std::time::Duration;
 
 /// Traffic per scenario: long enough for several faults of each kind (the first comes 4 s in,
 /// the last stops 6 s before the end).
 const TRAFFIC: Duration = Duration::from_secs(24);
 
-async fn run(scenario: Scenario, seed: u64) {
+async fn run(scenario: Scenario, seed: u64) -> Row {
     let label = format!("f{}", scenario.name());
     let mut bed = Bed::with(
         &label,
@@ -42,13 +42,53 @@ async fn run(scenario: Scenario, seed: u64) {
     assert!(row.faults_total() > 0, "nothing injected:\n{table}");
     assert!(row.changes > 100, "too little traffic:\n{table}");
     assert_eq!(row.violations.total(), 0, "\n{table}{:#?}", row.details);
+    row
 }
 
-/// SIGKILL of the worker syncing a mailbox (before its commit) and of random workers.
+/// How often `row` counts the fault `label` as injected.
+fn injected(row: &Row, label: &str) -> u64 {
+    row.faults.get(label).copied().unwrap_or(0)
+}
+
+/// SIGKILL of the worker syncing a mailbox (before its commit), of a worker between a commit
+/// and its ack (its acks held by the proxy), and of random workers. The seed's schedule has
+/// one of each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_loops_hold_p1_to_p6() {
-    run(Scenario::Kill, 11).await;
+    let row = run(Scenario::Kill, KILL_SEED).await;
+    for label in ["kill-before-commit", "kill-after-commit", "kill-random"] {
+        assert!(
+            injected(&row, label) > 0,
+            "no {label}: {:?}\n{:#?}",
+            row.faults,
+            row.details
+        );
+    }
 }
+
+/// A seed whose 24 s kill schedule draws every kind of kill.
+const KILL_SEED: u64 = 10;
+
+/// Gmail forgets history mid-run (a mailbox's all at once, or a retention window that
+/// overtakes lagging cursors): full resyncs, judged by `check::resync` (every live message
+/// listed or arriving later, history entries exact and once, what was synced before kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_expiry_holds_p1_to_p6() {
+    let row = run(Scenario::Gmail404, GMAIL_404_SEED).await;
+    for label in ["history-expired", "history-retention"] {
+        assert!(injected(&row, label) > 0, "no {label}: {:?}", row.faults);
+    }
+    assert!(
+        row.resyncs >= injected(&row, "history-expired"),
+        "{} resyncs for {:?}",
+        row.resyncs,
+        row.faults
+    );
+    assert!(row.listed > 0, "the resyncs listed nothing");
+}
+
+/// A seed whose 24 s gmail-404 schedule draws both kinds of history fault.
+const GMAIL_404_SEED: u64 = 2;
 
 /// Redis restarts (saving), in the middle of the traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

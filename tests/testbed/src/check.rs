@@ -2,6 +2,12 @@
 //!
 //! It reads the streams as any consumer would (schema v1 fields, see README.md), independent of
 //! the product's own types, so a bug in the product's encoding cannot hide itself.
+//!
+//! [`compare`] wants the stream to be exactly the ledger's history; [`resync::compare`] also
+//! accepts full resyncs (after a Gmail 404) and says what it then checks (the fault suite's
+//! P1/P2).
+
+pub mod resync;
 
 use crate::gmail::{ChangeEntry, ChangeKind, Ledger};
 use std::collections::BTreeMap;

@@ -33,9 +33,9 @@ use std::time::Duration;
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     /// SIGKILL loops: the worker holding a mailbox lease in the middle of a (slowed) sync, i.e.
-    /// before its commit; and random workers at random moments (which lands between a commit
-    /// and its ack only by chance: the worker has no hook to stop there). A replacement starts
-    /// after each kill.
+    /// before its commit; a worker pinned between a commit and its ack (the proxy holds its
+    /// acks and modacks while it commits: [`Fault::KillAfterCommit`]); and random workers at
+    /// random moments. A replacement starts after each kill.
     Kill,
     /// SIGSTOP of a worker for longer than the mailbox lease TTL, then SIGCONT.
     Stop,
@@ -55,6 +55,11 @@ pub enum Scenario {
     Pubsub,
     /// Gmail: 429, 403 rate reasons, 5xx, hangs and answers slower than the client timeout.
     Gmail,
+    /// Gmail forgets history (HTTP 404 on `history.list` → full resync): all of a mailbox's
+    /// history at once, or a retention window short enough to overtake a lagging cursor. P1 and
+    /// P2 are then judged by [`crate::check::resync`].
+    #[serde(rename = "gmail-404")]
+    Gmail404,
     /// Dropped notifications and history lag (a change visible in `history.list` only seconds
     /// after its notification).
     Notify,
@@ -75,7 +80,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every single scenario (not `Mixed`), in the order `all` runs them.
-    pub const SINGLE: [Scenario; 13] = [
+    pub const SINGLE: [Scenario; 14] = [
         Scenario::Kill,
         Scenario::Stop,
         Scenario::Term,
@@ -85,6 +90,7 @@ impl Scenario {
         Scenario::RedisLatency,
         Scenario::Pubsub,
         Scenario::Gmail,
+        Scenario::Gmail404,
         Scenario::Notify,
         Scenario::StreamCut,
         Scenario::RedisFailover,
@@ -102,6 +108,7 @@ impl Scenario {
             Scenario::RedisLatency => "redis-latency",
             Scenario::Pubsub => "pubsub",
             Scenario::Gmail => "gmail",
+            Scenario::Gmail404 => "gmail-404",
             Scenario::Notify => "notify",
             Scenario::StreamCut => "stream-cut",
             Scenario::RedisFailover => "redis-failover",
@@ -162,6 +169,10 @@ pub enum Fault {
     KillSyncing,
     /// SIGKILL a random worker now, then a replacement.
     KillRandom,
+    /// SIGKILL a worker right after a commit it made while the proxy held everything it sent
+    /// to the emulator (so the acks of that commit never arrive), then a replacement: the kill
+    /// lands between commit and ack by construction, with no hook in the worker.
+    KillAfterCommit,
     /// SIGSTOP a random worker for `millis` (past the lease TTL), then SIGCONT.
     Pause {
         millis: u64,
@@ -223,6 +234,19 @@ pub enum Fault {
         shard: u32,
         down_ms: u64,
     },
+    /// The simulator forgets all history of one mailbox just after a new message in it, so the
+    /// mailbox's next `history.list` answers 404. `mailbox` indexes the run's mailboxes (modulo
+    /// their number).
+    ExpireHistory {
+        mailbox: usize,
+    },
+    /// One mailbox keeps history only `retention_ms` for `millis`: Gmail's time-based horizon
+    /// overtakes a cursor that lags (a 404 whenever the oldest unread record is older).
+    ShortRetention {
+        mailbox: usize,
+        retention_ms: u64,
+        millis: u64,
+    },
 }
 
 impl Fault {
@@ -231,6 +255,7 @@ impl Fault {
         match self {
             Fault::KillSyncing => "kill-before-commit".into(),
             Fault::KillRandom => "kill-random".into(),
+            Fault::KillAfterCommit => "kill-after-commit".into(),
             Fault::Pause { .. } => "sigstop".into(),
             Fault::TermSyncing => "sigterm-in-flight".into(),
             Fault::ScaleTo { workers } => format!("scale-to-{workers}"),
@@ -247,6 +272,8 @@ impl Fault {
             Fault::StreamCut => "stream-cut".into(),
             Fault::RedisFailover { .. } => "redis-failover".into(),
             Fault::RedisMasterKill { .. } => "redis-master-kill".into(),
+            Fault::ExpireHistory { .. } => "history-expired".into(),
+            Fault::ShortRetention { .. } => "history-retention".into(),
         }
     }
 }
@@ -269,6 +296,15 @@ pub const FAULTS_FROM: Duration = Duration::from_secs(4);
 pub const FAULTS_UNTIL_END: Duration = Duration::from_secs(6);
 /// Longest SIGSTOP: past the suite's lease TTL ([`driver::LEASE_MS`]) with a margin.
 const PAUSE_MS: (u64, u64) = (driver::LEASE_MS + 1_000, driver::LEASE_MS + 3_000);
+
+/// A history fault's mailbox is drawn from `0..MAILBOX_PICKS` and taken modulo the run's
+/// mailbox count (the schedule does not know it); any bound far above a run's mailboxes will do.
+const MAILBOX_PICKS: usize = 1 << 20;
+/// The short retention of [`Fault::ShortRetention`]: around the age of a mailbox's oldest
+/// unread record under the suite's traffic (a notification a second per mailbox at most, a
+/// 200 ms coalescing window), so from most syncs of the mailbox finding their cursor overtaken
+/// (100 ms) to a few (800 ms).
+const RETENTION_MS: (u64, u64) = (100, 800);
 
 /// A run's faults at their offsets from the start of the traffic, in order.
 #[derive(Clone, Debug, Serialize)]
@@ -325,13 +361,11 @@ fn gaps(scenario: Scenario) -> (u64, u64) {
 
 fn draw(scenario: Scenario, rng: &mut StdRng, workers: usize) -> Fault {
     match scenario {
-        Scenario::Kill => {
-            if rng.random_bool(0.5) {
-                Fault::KillSyncing
-            } else {
-                Fault::KillRandom
-            }
-        }
+        Scenario::Kill => match rng.random_range(0..3) {
+            0 => Fault::KillSyncing,
+            1 => Fault::KillAfterCommit,
+            _ => Fault::KillRandom,
+        },
         Scenario::Stop => Fault::Pause {
             millis: rng.random_range(PAUSE_MS.0..=PAUSE_MS.1),
         },
@@ -360,6 +394,18 @@ fn draw(scenario: Scenario, rng: &mut StdRng, workers: usize) -> Fault {
             },
             calls: rng.random_range(2..=6),
         },
+        Scenario::Gmail404 => {
+            let mailbox = rng.random_range(0..MAILBOX_PICKS);
+            if rng.random_bool(0.5) {
+                Fault::ExpireHistory { mailbox }
+            } else {
+                Fault::ShortRetention {
+                    mailbox,
+                    retention_ms: rng.random_range(RETENTION_MS.0..=RETENTION_MS.1),
+                    millis: rng.random_range(2_000..=5_000),
+                }
+            }
+        }
         Scenario::Notify => {
             if rng.random_bool(0.5) {
                 Fault::DropNotifications {
@@ -444,6 +490,10 @@ pub struct Row {
     pub received_by_workers: u64,
     /// Worker processes started in all (replacements included).
     pub worker_processes: usize,
+    /// `resync` entries in the change streams (each one answered a 404: see
+    /// [`crate::check::resync`]) and the `message_listed` entries of their listings.
+    pub resyncs: u64,
+    pub listed: u64,
     /// Cursor sampling rounds (P3) that read every cursor / that failed (Redis away).
     pub cursor_rounds: u64,
     pub cursor_rounds_failed: u64,

@@ -8,7 +8,7 @@
 //! the gap still shows, because the last value read is kept.
 
 use crate::bed::{Keys, RawConnection, Testbed};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,9 @@ pub struct CursorSamples {
     pub regressions: Vec<String>,
     /// The last cursor read per mailbox.
     pub last: BTreeMap<String, u64>,
+    /// Every cursor value read per mailbox: each one a committed cursor, the witnesses of
+    /// [`crate::check::resync`] (what was synced before a resync must stay).
+    pub seen: BTreeMap<String, BTreeSet<u64>>,
 }
 
 /// Samples until `stop`; the shared record is read by the driver at the end.
@@ -70,6 +73,7 @@ pub async fn run(
                     let Some(now) = v.and_then(|v| v.parse::<u64>().ok()) else {
                         continue;
                     };
+                    rec.seen.entry(m.clone()).or_default().insert(now);
                     if let Some(before) = rec.last.insert(m.clone(), now)
                         && now < before
                     {

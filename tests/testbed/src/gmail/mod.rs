@@ -318,6 +318,19 @@ impl GmailSim {
         ok(self.state().mailbox_mut(email).map(|m| m.expire_all()));
     }
 
+    /// Delivers a message and drops all history up to and including it, in one step (one
+    /// lock): no `history.list` can see the message's record, so every cursor of the mailbox is
+    /// now below the horizon and its next `history.list` answers 404, as for a mailbox whose
+    /// worker was away longer than Gmail keeps history. (A separate [`Self::deliver`] and
+    /// [`Self::expire_history`] leave a moment in which a sync could read the record and
+    /// commit the cursor up to the horizon, which is accepted: no 404.)
+    pub fn deliver_and_expire(&self, email: &str, label_ids: &[&str]) -> Delivered {
+        let mut st = self.state();
+        let delivered = ok(st.deliver(email, label_ids, None));
+        ok(st.mailbox_mut(email).map(|m| m.expire_all()));
+        delivered
+    }
+
     /// Drops history up to and including `history_id` (cursors below it answer 404).
     pub fn expire_history_up_to(&self, email: &str, history_id: u64) {
         ok(self
