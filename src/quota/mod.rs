@@ -427,8 +427,8 @@ impl Permit {
     }
 
     /// The slot's token, for the final commit to remove in the same script (one Redis round
-    /// trip and one task less per sync than the release on drop); `None` without a slot
-    /// (governor off, or not admitted through [`Governor::admit`]).
+    /// trip and one task less per sync than the release on drop); `None` without a slot (the
+    /// governor is off).
     pub fn slot_token(&self) -> Option<&str> {
         self.held.as_ref().map(|h| h.token.as_str())
     }
