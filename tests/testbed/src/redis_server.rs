@@ -533,6 +533,10 @@ pub enum Failover {
     /// master acknowledged but had not yet sent to its replica are lost. The killed node stays
     /// down until [`RedisCluster::restart_node`], which brings it back as a replica.
     Forced,
+    /// The same SIGKILL, of a master whose replica the caller holds behind
+    /// ([`RedisCluster::hold_replica_behind`]), so the replica need not be in sync: what the
+    /// master acknowledged since is lost with it, on purpose.
+    Unreplicated,
 }
 
 /// What a failover did.
@@ -564,7 +568,7 @@ impl FailoverUnderWay {
             .is_some_and(|n| n.replica_of.is_none() && n.slots == self.slots);
         let demoted = view.get(&self.old_master).is_some_and(|n| match self.how {
             Failover::Graceful => n.replica_of == Some(self.new_master),
-            Failover::Forced => n.failed && n.slots.is_empty(),
+            Failover::Forced | Failover::Unreplicated => n.failed && n.slots.is_empty(),
         });
         promoted && demoted
     }
@@ -628,6 +632,8 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
 const CLUSTER_POLL: Duration = Duration::from_millis(50);
 /// Timeout of one admin command to a node (an answer is instant; a dead node refuses).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// The `masterauth` that keeps a replica from syncing ([`RedisCluster::hold_replica_behind`]).
+const WRONG_MASTERAUTH: &str = "not-the-masters-password";
 
 /// One node process of a cluster, with what it takes to start it again.
 #[derive(Debug)]
@@ -881,6 +887,50 @@ impl RedisCluster {
     /// the replica) or is SIGKILLed ([`Failover::Forced`]). Returns at once; the failover is
     /// over when [`FailoverUnderWay::is_done`] accepts a settled view. Blocking for one
     /// command.
+    /// Keeps `replica` from receiving what `master` acknowledges from now on, until
+    /// [`RedisCluster::let_replica_catch_up`]: the replica is given a wrong `masterauth`, so
+    /// its reconnects fail their handshake (`Unable to AUTH to MASTER`), and the master drops
+    /// its replica links (`CLIENT KILL TYPE replica`). Returns the replica's own `masterauth`
+    /// (empty if none) for the restore.
+    pub fn hold_replica_behind(&self, master: u16, replica: u16) -> Result<String> {
+        let client = self.secured.client(replica)?;
+        let mut con = client.get_connection_with_timeout(ADMIN_TIMEOUT)?;
+        con.set_read_timeout(Some(ADMIN_TIMEOUT))?;
+        let got: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("masterauth")
+            .query(&mut con)?;
+        let original = got.get(1).cloned().unwrap_or_default();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("masterauth")
+            .arg(WRONG_MASTERAUTH)
+            .query(&mut con)?;
+        let cut = query_string(
+            &self.secured,
+            master,
+            &["CLIENT", "KILL", "TYPE", "replica"],
+            ADMIN_TIMEOUT,
+        )?;
+        if cut == "0" {
+            bail!("127.0.0.1:{master} had no replica link to cut");
+        }
+        Ok(original)
+    }
+
+    /// Gives the node at `port` its `masterauth` back (see [`Self::hold_replica_behind`]).
+    pub fn let_replica_catch_up(&self, port: u16, masterauth: &str) -> Result<()> {
+        let client = self.secured.client(port)?;
+        let mut con = client.get_connection_with_timeout(ADMIN_TIMEOUT)?;
+        con.set_read_timeout(Some(ADMIN_TIMEOUT))?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("masterauth")
+            .arg(masterauth)
+            .query(&mut con)?;
+        Ok(())
+    }
+
     pub fn begin_failover(
         &self,
         view: &ClusterView,
@@ -896,7 +946,7 @@ impl RedisCluster {
             .find(|n| n.replica_of == Some(master) && !n.failed)
             .map(|n| n.port)
             .ok_or_else(|| anyhow!("master 127.0.0.1:{master} has no live replica: {view:?}"))?;
-        if !self.in_sync(replica)? {
+        if how != Failover::Unreplicated && !self.in_sync(replica)? {
             bail!("replica 127.0.0.1:{replica} of 127.0.0.1:{master} is not in sync");
         }
         let started = Instant::now();
@@ -912,7 +962,7 @@ impl RedisCluster {
                     bail!("CLUSTER FAILOVER at 127.0.0.1:{replica} answered {ok:?}");
                 }
             }
-            Failover::Forced => self.node(master)?.child().kill(),
+            Failover::Forced | Failover::Unreplicated => self.node(master)?.child().kill(),
         }
         Ok(FailoverUnderWay {
             how,

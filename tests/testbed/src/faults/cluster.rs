@@ -14,6 +14,16 @@
 //!   ("Persistence") describes: cursors move back (P3), and changes committed again are
 //!   appended again if the stream entry survived where the cursor did not (P2). A lost change
 //!   (P1) is a bug, never the expected outcome.
+//! - [`Scenario::RedisLossyKill`]: the same SIGKILL, but first the master's replica is held
+//!   behind for a few hundred ms ([`RedisCluster::hold_replica_behind`]: its link cut, its
+//!   reconnects refused), so every commit the master acknowledged in that window is lost on
+//!   purpose. On loopback the plain kill never loses one (the replica trails by microseconds);
+//!   this one must, and shows what the loss does. The driver reads every cursor just before
+//!   the kill and again once the replica took over: each one lower is a lost write
+//!   (`writes_lost`), and so is a regression the P3 monitor sees within [`LOSS_SEEN_WITHIN`] of
+//!   the promotion (not a P3 violation). The next sync of such a mailbox reads the changes
+//!   again and appends them once (the entries were lost with the cursor: one script, one
+//!   replicated unit), so P1 and P2 still hold.
 //!
 //! The failover is aimed at a shard (its stream key's slot) rather than at a node, so every
 //! failover moves slots the workers write to, and the same seed aims at the same shard
@@ -24,13 +34,14 @@
 //! same `join!` and must keep going through the seconds a forced failover takes.
 
 use super::{Fault, Scenario};
-use crate::bed::{Redis, Testbed};
+use crate::bed::{Redis, Testbed, cursor_on};
 use crate::redis_server::{
     self, ClusterView, FAILOVER_TIMEOUT, Failover, Promotion, RedisCluster, SYNC_TIMEOUT,
 };
 use anyhow::{Result, anyhow, bail};
 use rand::Rng;
 use rand::rngs::StdRng;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::task::block_in_place;
 
@@ -42,12 +53,20 @@ const SHARD_DRAW: u32 = 16;
 const DOWN_MS: (u64, u64) = (2_000, 4_000);
 /// Pause between two looks at the cluster while waiting.
 const POLL: Duration = Duration::from_millis(50);
+/// How long the replica is held behind before the kill, ms: long enough for several commits
+/// to its master at the suite's rates (20–30 changes/s over three masters), short against the
+/// election's limit on a replica's data age (10 × the node timeout).
+const BEHIND_MS: (u64, u64) = (500, 1_000);
+/// A cursor regression the monitor sees from the start of the hold until this long after the
+/// promotion is the kill's lost write: the monitor needs a round or two once the new master
+/// answers.
+pub const LOSS_SEEN_WITHIN: Duration = Duration::from_secs(3);
 
 /// True for the scenarios that need a cluster with replicas.
 pub fn on_cluster(scenario: Scenario) -> bool {
     matches!(
         scenario,
-        Scenario::RedisFailover | Scenario::RedisMasterKill
+        Scenario::RedisFailover | Scenario::RedisMasterKill | Scenario::RedisLossyKill
     )
 }
 
@@ -58,6 +77,11 @@ pub(super) fn draw(scenario: Scenario, rng: &mut StdRng) -> Fault {
         Scenario::RedisMasterKill => Fault::RedisMasterKill {
             shard,
             down_ms: rng.random_range(DOWN_MS.0..=DOWN_MS.1),
+        },
+        Scenario::RedisLossyKill => Fault::RedisLossyKill {
+            shard,
+            down_ms: rng.random_range(DOWN_MS.0..=DOWN_MS.1),
+            behind_ms: rng.random_range(BEHIND_MS.0..=BEHIND_MS.1),
         },
         _ => Fault::RedisFailover { shard },
     }
@@ -76,6 +100,70 @@ fn cluster_of(tb: &Testbed) -> Result<&RedisCluster> {
 /// Promotes the replica of the master that serves shard `shard % shards` (`how`: graceful or
 /// SIGKILL) and waits (≤ [`FAILOVER_TIMEOUT`]) until every live node agrees on it.
 pub(super) async fn fail_over(tb: &Testbed, shard: u32, how: Failover) -> Result<Promotion> {
+    promote(tb, shard, how.into()).await
+}
+
+/// What a lossy kill did.
+pub(super) struct LossyKill {
+    pub promotion: Promotion,
+    /// `mailbox: before -> after` for each cursor lower after the promotion than just before
+    /// the kill.
+    pub lost: Vec<String>,
+}
+
+/// The same SIGKILL, after holding the replica `behind` (see the module docs).
+pub(super) async fn fail_over_unreplicated(
+    tb: &Testbed,
+    shard: u32,
+    behind: Duration,
+    mailboxes: &[String],
+) -> Result<LossyKill> {
+    let mut lost = Vec::new();
+    let promotion = promote(
+        tb,
+        shard,
+        Promote::Unreplicated(Lossy {
+            behind,
+            mailboxes,
+            lost: &mut lost,
+        }),
+    )
+    .await?;
+    Ok(LossyKill { promotion, lost })
+}
+
+/// How [`promote`] goes about it: [`Failover`], with what the lossy kill needs.
+enum Promote<'a> {
+    Plain(Failover),
+    Unreplicated(Lossy<'a>),
+}
+
+struct Lossy<'a> {
+    behind: Duration,
+    mailboxes: &'a [String],
+    lost: &'a mut Vec<String>,
+}
+
+impl From<Failover> for Promote<'_> {
+    fn from(how: Failover) -> Self {
+        Promote::Plain(how)
+    }
+}
+
+/// Every mailbox's cursor now (one connection; a mailbox that cannot be read is left out).
+async fn cursors(tb: &Testbed, mailboxes: &[String]) -> Result<BTreeMap<String, u64>> {
+    let mut con = tb.connect().await?;
+    let keys = tb.keys();
+    let mut out = BTreeMap::new();
+    for m in mailboxes {
+        if let Ok(Some(c)) = cursor_on(&mut con, &keys, m).await {
+            out.insert(m.clone(), c);
+        }
+    }
+    Ok(out)
+}
+
+async fn promote(tb: &Testbed, shard: u32, how: Promote<'_>) -> Result<Promotion> {
     let cluster = cluster_of(tb)?;
     let key = tb.keys().stream(shard % tb.shards.max(1));
     let view = settle(cluster, "the cluster before a failover", |_| true).await?;
@@ -86,9 +174,53 @@ pub(super) async fn fail_over(tb: &Testbed, shard: u32, how: Failover) -> Result
         wait_in_sync(cluster, replica.port).await?;
     }
     let view = settle(cluster, "the cluster before a failover", |_| true).await?;
-    let under_way = block_in_place(|| cluster.begin_failover(&view, master, how))?;
-    settle(cluster, &under_way.to_string(), |v| under_way.is_done(v)).await?;
+    let (failover, mut lossy) = match how {
+        Promote::Plain(how) => (how, None),
+        Promote::Unreplicated(lossy) => (Failover::Unreplicated, Some(lossy)),
+    };
+    // The lossy kill: hold the replica behind, let the workers commit to the master (the
+    // traffic and the monitor go on during the sleep), read the cursors, then kill.
+    let mut held = None;
+    let mut before = BTreeMap::new();
+    if let Some(l) = &lossy {
+        let replica = view
+            .values()
+            .find(|n| n.replica_of == Some(master))
+            .map(|n| n.port)
+            .ok_or_else(|| anyhow!("master 127.0.0.1:{master} has no replica: {view:?}"))?;
+        let masterauth = block_in_place(|| cluster.hold_replica_behind(master, replica))?;
+        held = Some((replica, masterauth));
+        tokio::time::sleep(l.behind).await;
+        before = cursors(tb, l.mailboxes).await?;
+    }
+    let killed = async {
+        let under_way = block_in_place(|| cluster.begin_failover(&view, master, failover))?;
+        settle(cluster, &under_way.to_string(), |v| under_way.is_done(v)).await?;
+        anyhow::Ok(under_way)
+    }
+    .await;
+    // The promoted replica gets its masterauth back whatever happened (it may be a replica
+    // again after a later failover).
+    if let Some((replica, masterauth)) = &held {
+        block_in_place(|| cluster.let_replica_catch_up(*replica, masterauth))?;
+    }
+    let under_way = killed?;
     let promotion = under_way.promotion();
+    if let Some(l) = &mut lossy {
+        for (m, after) in cursors(tb, l.mailboxes).await? {
+            if let Some(b) = before.get(&m)
+                && after < *b
+            {
+                l.lost.push(format!("{m}: {b} -> {after}"));
+            }
+        }
+        eprintln!(
+            "faults: replica of 127.0.0.1:{master} held {} ms behind, then promoted: {} \
+             cursors moved back",
+            l.behind.as_millis(),
+            l.lost.len()
+        );
+    }
     eprintln!(
         "faults: {under_way} (shard {}) done in {:.2} s",
         shard % tb.shards.max(1),
@@ -172,7 +304,9 @@ mod tests {
         let mixed = Schedule::generate(Scenario::Mixed, 3, Duration::from_secs(600), 2);
         assert!(mixed.events.iter().all(|(_, f)| !matches!(
             f,
-            Fault::RedisFailover { .. } | Fault::RedisMasterKill { .. }
+            Fault::RedisFailover { .. }
+                | Fault::RedisMasterKill { .. }
+                | Fault::RedisLossyKill { .. }
         )));
     }
 

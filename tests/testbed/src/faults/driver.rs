@@ -9,6 +9,7 @@
 
 mod pinned;
 
+use super::acks::{AckSummary, AckTap};
 use super::cluster;
 use super::monitor::{self, CursorSamples};
 use super::proxy::{CutProxy, LaneId};
@@ -48,6 +49,12 @@ pub const EXIT_BOUND: Duration = Duration::from_secs(30);
 /// machine. The emulator's stranding (up to ~5 min) is *not* waited for: the fallback sync
 /// covers it; what the workers received is reported next to it.
 pub const DRAIN_BOUND: Duration = Duration::from_secs(120);
+/// After the drain, how long live workers are given to ack what they still hold: nothing is
+/// left to sync, so an ack waits at most for a retry timer the consumer armed before the drain
+/// (its backoff is capped well below this) and for the client's ack batching.
+const ACK_SETTLE: Duration = Duration::from_secs(30);
+/// How often the settle loop looks.
+const ACK_POLL: Duration = Duration::from_millis(100);
 /// The traffic's tick; each tick makes `rate / TICKS_PER_SEC` changes.
 const TICK: Duration = Duration::from_millis(100);
 const TICKS_PER_SEC: u32 = 10;
@@ -268,7 +275,8 @@ pub async fn run(
         .host_port()
         .parse()
         .context("the emulator's address")?;
-    let proxy = CutProxy::start(upstream).await?;
+    let tap = Arc::new(AckTap::new(tb.keys(), tb.connector()?));
+    let proxy = CutProxy::start_tapped(upstream, tap.clone()).await?;
     let mut env: Vec<(String, String)> = suite_env();
     env.push(("PUBSUB_EMULATOR_HOST".into(), proxy.host_port()));
     let mut fleet = Fleet {
@@ -302,7 +310,7 @@ pub async fn run(
         ),
         monitor::run(tb, mailboxes.to_vec(), samples.clone(), stop.clone()),
         async {
-            let out = sequence(&mut fleet, &schedule, mailboxes, opts).await;
+            let out = sequence(&mut fleet, &schedule, mailboxes, opts, &tap).await;
             stop.cancel();
             out
         }
@@ -317,10 +325,11 @@ pub async fn run(
         faults,
         extra_messages,
         drain_secs,
-        uncovered,
+        acks,
         mut details,
-        mut witnessed,
+        observed,
     } = sequenced?;
+    let mut witnessed = observed.cursors;
 
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (m, seen) in &samples.seen {
@@ -340,14 +349,44 @@ pub async fn run(
         .count();
     let streams = compare_streams(tb, &witnessed).await?;
     details.extend(streams.details);
-    details.extend(samples.regressions.iter().map(|r| format!("P3 {r}")));
+    let (in_loss_windows, regressions): (Vec<_>, Vec<_>) =
+        samples.regressions.iter().partition(|(at, _)| {
+            observed
+                .loss_windows
+                .iter()
+                .any(|(from, to)| from <= at && at <= to)
+        });
+    details.extend(regressions.iter().map(|(_, r)| format!("P3 {r}")));
+    // Lost writes are counted by mailbox (over the run): the driver's reads around a kill see
+    // one, the monitor (inside the window) usually sees it too.
+    let lost_mailboxes: BTreeSet<&str> = observed
+        .lost_writes
+        .iter()
+        .chain(in_loss_windows.iter().map(|(_, r)| r))
+        .filter_map(|r| r.split(':').next())
+        .collect();
+    details.extend(
+        observed
+            .lost_writes
+            .iter()
+            .chain(in_loss_windows.iter().map(|(_, r)| r))
+            .map(|r| format!("lost write (a lossy kill, expected): {r}")),
+    );
     details.extend(fleet.bad_exits.iter().map(|b| format!("P6 {b}")));
+    details.extend(acks.details.iter().cloned());
+    if acks.unjudged + acks.undecoded + acks.unknown_acks > 0 {
+        details.push(format!(
+            "ack tap: {} acks passed unjudged (Redis away), {} gRPC reads undecoded, {} acks \
+             of ack ids never delivered",
+            acks.unjudged, acks.undecoded, acks.unknown_acks
+        ));
+    }
     let violations = Violations {
         p1_lost: streams.lost,
         p2_duplicate: streams.duplicate,
-        p3_cursor_regressed: samples.regressions.len() as u64,
-        p4_ack_before_commit: uncovered,
-        p5_not_drained: u64::from(drain_secs.is_none()),
+        p3_cursor_regressed: regressions.len() as u64,
+        p4_ack_before_commit: acks.early_acks,
+        p5_not_drained: u64::from(drain_secs.is_none()) + acks.held_by_live,
         p6_bad_exit: fleet.bad_exits.len() as u64,
     };
     Ok(Row {
@@ -363,11 +402,13 @@ pub async fn run(
         violations,
         drain_secs,
         received_by_workers: fleet.gone.iter().map(|g| g.received).sum(),
+        writes_lost: lost_mailboxes.len() as u64,
         worker_processes: fleet.started,
         resyncs: streams.resyncs,
         listed: streams.listed,
         cursor_rounds: samples.rounds,
         cursor_rounds_failed: samples.failed_rounds,
+        acks,
         details,
     })
 }
@@ -408,14 +449,27 @@ struct Sequenced {
     faults: BTreeMap<String, u64>,
     extra_messages: u64,
     drain_secs: Option<f64>,
-    uncovered: u64,
+    /// The ack tap's record, taken after the acks settled.
+    acks: AckSummary,
     details: Vec<String>,
-    /// Cursors read at the history faults, per mailbox (see [`crate::check::resync`]).
-    witnessed: Witnessed,
+    observed: Observed,
 }
 
 /// Committed cursor values read during a run, per mailbox.
 type Witnessed = BTreeMap<String, BTreeSet<u64>>;
+
+/// What the injector noted for the checks.
+#[derive(Default)]
+struct Observed {
+    /// Cursors read at the history faults, per mailbox (see [`crate::check::resync`]).
+    cursors: Witnessed,
+    /// From the start of each lossy kill until [`cluster::LOSS_SEEN_WITHIN`] after its
+    /// promotion: a cursor regression inside is that kill's lost write, not a P3 violation.
+    loss_windows: Vec<(Instant, Instant)>,
+    /// `mailbox: before -> after` for each cursor a lossy kill moved back (read just before the
+    /// kill and after the promotion).
+    lost_writes: Vec<String>,
+}
 
 /// Something a timed fault must undo later.
 enum Undo {
@@ -436,6 +490,7 @@ async fn sequence(
     schedule: &Schedule,
     mailboxes: &[String],
     opts: &RunOptions,
+    tap: &AckTap,
 ) -> Result<Sequenced> {
     let tb = fleet.tb;
     let start = Instant::now();
@@ -443,7 +498,7 @@ async fn sequence(
     let mut pending: Vec<(Instant, Undo)> = Vec::new();
     let mut extra = 0u64;
     let mut details = Vec::new();
-    let mut witnessed = Witnessed::new();
+    let mut observed = Observed::default();
     let publisher = pubsub::publisher(&tb.emulator.endpoint(), &tb.topic.topic).await?;
     for (at, fault) in &schedule.events {
         wait_until(start + *at, &mut pending, fleet).await?;
@@ -453,7 +508,7 @@ async fn sequence(
             &publisher,
             &mut pending,
             mailboxes,
-            &mut witnessed,
+            &mut observed,
         );
         match applied.await {
             Ok(n) => {
@@ -486,21 +541,20 @@ async fn sequence(
             None
         }
     };
-    // P4, derived (see the README): with every worker still running, each notification the
-    // simulator published must be covered by its mailbox's committed cursor.
-    // Only meaningful after a drain: before it, an uncovered notification is P5's.
-    let uncovered = if drain_secs.is_some() {
-        uncovered_notifications(tb, mailboxes, &mut details).await?
+    // With the backlog drained, every delivery a live worker holds must be acked soon (P5);
+    // without a drain, what is held is expected and P5 already counts.
+    let acks = if drain_secs.is_some() {
+        settle_acks(tap, fleet.proxy).await
     } else {
-        0
+        tap.summary(&fleet.proxy.open_lanes())
     };
     Ok(Sequenced {
         faults,
         extra_messages: extra,
         drain_secs,
-        uncovered,
+        acks,
         details,
-        witnessed,
+        observed,
     })
 }
 
@@ -560,7 +614,7 @@ async fn apply(
     publisher: &google_cloud_pubsub::client::Publisher,
     pending: &mut Vec<(Instant, Undo)>,
     mailboxes: &[String],
-    witnessed: &mut Witnessed,
+    observed: &mut Observed,
 ) -> Result<u64> {
     let tb = fleet.tb;
     let pick = |fleet: &Fleet<'_>| -> Result<usize> {
@@ -732,9 +786,26 @@ async fn apply(
                 Undo::RestartNode(promotion.old_master),
             ));
         }
+        Fault::RedisLossyKill {
+            shard,
+            down_ms,
+            behind_ms,
+        } => {
+            let from = Instant::now();
+            let behind = Duration::from_millis(*behind_ms);
+            let kill = cluster::fail_over_unreplicated(tb, *shard, behind, mailboxes).await?;
+            observed
+                .loss_windows
+                .push((from, Instant::now() + cluster::LOSS_SEEN_WITHIN));
+            observed.lost_writes.extend(kill.lost);
+            pending.push((
+                Instant::now() + Duration::from_millis(*down_ms),
+                Undo::RestartNode(kill.promotion.old_master),
+            ));
+        }
         Fault::ExpireHistory { mailbox } => {
             let m = history_mailbox(mailboxes, *mailbox)?;
-            witness_cursor(tb, m, witnessed).await;
+            witness_cursor(tb, m, &mut observed.cursors).await;
             tb.sim.deliver_and_expire(m, &["INBOX", "UNREAD"]);
         }
         Fault::ShortRetention {
@@ -743,7 +814,7 @@ async fn apply(
             millis,
         } => {
             let m = history_mailbox(mailboxes, *mailbox)?;
-            witness_cursor(tb, m, witnessed).await;
+            witness_cursor(tb, m, &mut observed.cursors).await;
             tb.sim
                 .set_history_retention(m, Some(Duration::from_millis(*retention_ms)));
             pending.push((
@@ -808,31 +879,17 @@ fn recent_payloads(tb: &Testbed, n: usize) -> Vec<String> {
     out
 }
 
-/// Notifications the simulator published whose historyId is above the mailbox's committed
-/// cursor now.
-async fn uncovered_notifications(
-    tb: &Testbed,
-    mailboxes: &[String],
-    details: &mut Vec<String>,
-) -> Result<u64> {
-    let ledger = tb.sim.ledger();
-    let mut n = 0;
-    for m in mailboxes {
-        let cursor = tb.cursor(m).await?.unwrap_or(0);
-        for note in ledger.notifications_for(m) {
-            if matches!(note.outcome, NotificationOutcome::Published(_)) && note.history_id > cursor
-            {
-                n += 1;
-                if n <= 5 {
-                    details.push(format!(
-                        "P4 {m}: notification {} above the cursor {cursor}",
-                        note.history_id
-                    ));
-                }
-            }
+/// Waits (≤ [`ACK_SETTLE`]) until no live worker holds a delivery unacked; the tap's record
+/// then.
+async fn settle_acks(tap: &AckTap, proxy: &CutProxy) -> AckSummary {
+    let deadline = Instant::now() + ACK_SETTLE;
+    loop {
+        let summary = tap.summary(&proxy.open_lanes());
+        if summary.held_by_live == 0 || Instant::now() >= deadline {
+            return summary;
         }
+        tokio::time::sleep(ACK_POLL).await;
     }
-    Ok(n)
 }
 
 /// The mailbox a history fault targets: `nth` modulo the run's mailboxes.

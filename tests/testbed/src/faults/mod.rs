@@ -16,6 +16,7 @@
 //! Used by `examples/faults.rs` (the long runs) and `tests/integration/faults.rs` (a reduced
 //! set in CI).
 
+pub mod acks;
 pub mod cluster;
 pub mod driver;
 pub mod monitor;
@@ -73,6 +74,10 @@ pub enum Scenario {
     /// Writes the master acknowledged but had not replicated yet are lost (asynchronous
     /// replication): cursors may move back, changes be appended twice.
     RedisMasterKill,
+    /// Redis Cluster: the same kill, of a master whose replica was kept 0.3–1 s behind
+    /// (its links cut again and again), so the commits of that window are lost on purpose;
+    /// their cursors moving back are counted as `writes_lost`, and P1/P2 must still hold.
+    RedisLossyKill,
     /// All of the above, drawn at random, but scale and the cluster scenarios (the mixed run
     /// has one single Redis server, which the Redis faults above need).
     Mixed,
@@ -80,7 +85,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every single scenario (not `Mixed`), in the order `all` runs them.
-    pub const SINGLE: [Scenario; 14] = [
+    pub const SINGLE: [Scenario; 15] = [
         Scenario::Kill,
         Scenario::Stop,
         Scenario::Term,
@@ -95,6 +100,7 @@ impl Scenario {
         Scenario::StreamCut,
         Scenario::RedisFailover,
         Scenario::RedisMasterKill,
+        Scenario::RedisLossyKill,
     ];
 
     pub fn name(self) -> &'static str {
@@ -113,6 +119,7 @@ impl Scenario {
             Scenario::StreamCut => "stream-cut",
             Scenario::RedisFailover => "redis-failover",
             Scenario::RedisMasterKill => "redis-master-kill",
+            Scenario::RedisLossyKill => "redis-lossy-kill",
             Scenario::Mixed => "mixed",
         }
     }
@@ -234,6 +241,13 @@ pub enum Fault {
         shard: u32,
         down_ms: u64,
     },
+    /// The same, after keeping the master's replica `behind_ms` behind (its links cut): the
+    /// commits of that window are lost.
+    RedisLossyKill {
+        shard: u32,
+        down_ms: u64,
+        behind_ms: u64,
+    },
     /// The simulator forgets all history of one mailbox just after a new message in it, so the
     /// mailbox's next `history.list` answers 404. `mailbox` indexes the run's mailboxes (modulo
     /// their number).
@@ -272,6 +286,7 @@ impl Fault {
             Fault::StreamCut => "stream-cut".into(),
             Fault::RedisFailover { .. } => "redis-failover".into(),
             Fault::RedisMasterKill { .. } => "redis-master-kill".into(),
+            Fault::RedisLossyKill { .. } => "redis-lossy-kill".into(),
             Fault::ExpireHistory { .. } => "history-expired".into(),
             Fault::ShortRetention { .. } => "history-retention".into(),
         }
@@ -354,6 +369,8 @@ fn gaps(scenario: Scenario) -> (u64, u64) {
         // A forced one: ~4 s until the replica is elected, 2–4 s until the killed node
         // restarts, a moment for it to sync; the next kill needs that replica in sync.
         Scenario::RedisMasterKill => (10_000, 13_000),
+        // The same, plus up to 1 s of keeping the replica behind.
+        Scenario::RedisLossyKill => (11_000, 14_000),
         Scenario::Mixed => (3_000, 6_000),
         _ => (2_000, 5_000),
     }
@@ -420,7 +437,9 @@ fn draw(scenario: Scenario, rng: &mut StdRng, workers: usize) -> Fault {
             }
         }
         Scenario::StreamCut => Fault::StreamCut,
-        Scenario::RedisFailover | Scenario::RedisMasterKill => cluster::draw(scenario, rng),
+        Scenario::RedisFailover | Scenario::RedisMasterKill | Scenario::RedisLossyKill => {
+            cluster::draw(scenario, rng)
+        }
         Scenario::Mixed => {
             // Scale is left out of the mix: it is a fleet shape, not an event. So are the
             // cluster failovers: the mix runs on one Redis server (its other Redis faults
@@ -444,10 +463,11 @@ pub struct Violations {
     pub p2_duplicate: u64,
     /// Cursor regressions the monitor saw.
     pub p3_cursor_regressed: u64,
-    /// Published notifications not covered by a committed cursor at the drain check, while
-    /// every worker still ran (derived; see the README's "Fault suite" on what P4 can prove).
+    /// Acks the tap saw leave a worker while the mailbox's cursor did not cover them and the
+    /// message was not quarantined ([`acks`]).
     pub p4_ack_before_commit: u64,
-    /// 1 if the mailboxes did not catch up within the drain bound.
+    /// 1 if the mailboxes did not catch up within the drain bound, plus each message a live
+    /// worker still held unacked after it.
     pub p5_not_drained: u64,
     /// Workers that did not exit 0 within the bound after a SIGTERM.
     pub p6_bad_exit: u64,
@@ -488,6 +508,10 @@ pub struct Row {
     /// last periodic one, up to a second old). Compared with what was published it tells
     /// emulator stranding (not received) from a worker holding messages (received).
     pub received_by_workers: u64,
+    /// Cursors the monitor saw move back inside a lossy kill's window
+    /// ([`Scenario::RedisLossyKill`]): commits Redis acknowledged and then lost, as its
+    /// asynchronous replication allows. Not violations: P1/P2 judge what came of them.
+    pub writes_lost: u64,
     /// Worker processes started in all (replacements included).
     pub worker_processes: usize,
     /// `resync` entries in the change streams (each one answered a 404: see
@@ -497,6 +521,8 @@ pub struct Row {
     /// Cursor sampling rounds (P3) that read every cursor / that failed (Redis away).
     pub cursor_rounds: u64,
     pub cursor_rounds_failed: u64,
+    /// What the ack tap saw: deliveries, acks judged, messages left with gone workers.
+    pub acks: acks::AckSummary,
     /// What each violation was, for the post-mortem.
     pub details: Vec<String>,
 }
@@ -507,10 +533,13 @@ impl Row {
     }
 }
 
-/// The rows as a fixed-width text table.
+/// The rows as a fixed-width text table. Besides the properties: `received` is what the
+/// workers said they received, `acks` the acks the tap saw leave them, `dead` the messages
+/// last delivered to a worker that is gone and never acked (with the emulator: see
+/// [`acks::AckSummary::with_dead_workers`]), `lost` [`Row::writes_lost`].
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<17} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
+        "{:<17} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9} {:>6} {:>5} {:>5}\n",
         "scenario",
         "seed",
         "changes",
@@ -524,12 +553,15 @@ pub fn table(rows: &[Row]) -> String {
         "P5",
         "P6",
         "drain_s",
-        "received"
+        "received",
+        "acks",
+        "dead",
+        "lost"
     );
     for r in rows {
         let v = &r.violations;
         out.push_str(&format!(
-            "{:<17} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9}\n",
+            "{:<17} {:>6} {:>8} {:>7} {:>6} {:>6} {:>3} {:>3} {:>3} {:>3} {:>3} {:>3} {:>8} {:>9} {:>6} {:>5} {:>5}\n",
             r.scenario.name(),
             r.seed,
             r.changes,
@@ -544,7 +576,10 @@ pub fn table(rows: &[Row]) -> String {
             v.p6_bad_exit,
             r.drain_secs
                 .map_or("-".to_string(), |s| format!("{s:.1}")),
-            r.received_by_workers
+            r.received_by_workers,
+            r.acks.acks,
+            r.acks.with_dead_workers,
+            r.writes_lost
         ));
     }
     out

@@ -10,7 +10,7 @@
 use crate::bed::{Keys, RawConnection, Testbed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How often the monitor reads every cursor (the issue asks for ~100 ms).
@@ -25,8 +25,8 @@ pub struct CursorSamples {
     pub rounds: u64,
     /// Rounds that failed (Redis unavailable).
     pub failed_rounds: u64,
-    /// `mailbox: before -> after` for every regression seen.
-    pub regressions: Vec<String>,
+    /// When and what (`mailbox: before -> after`) for every regression seen.
+    pub regressions: Vec<(Instant, String)>,
     /// The last cursor read per mailbox.
     pub last: BTreeMap<String, u64>,
     /// Every cursor value read per mailbox: each one a committed cursor, the witnesses of
@@ -77,7 +77,8 @@ pub async fn run(
                     if let Some(before) = rec.last.insert(m.clone(), now)
                         && now < before
                     {
-                        rec.regressions.push(format!("{m}: {before} -> {now}"));
+                        rec.regressions
+                            .push((Instant::now(), format!("{m}: {before} -> {now}")));
                     }
                 }
             }

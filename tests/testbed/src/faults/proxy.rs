@@ -16,9 +16,14 @@
 //! still flow, so the worker keeps receiving and committing while none of its acks arrive.
 //! [`CutProxy::close_lane`] resets the lane's connections without forwarding what was held, as
 //! if the worker had died before sending it; [`CutProxy::release`] forwards it late instead.
+//!
+//! Tapped ([`CutProxy::start_tapped`]): the proxy also decodes the gRPC it forwards and hands
+//! every delivery and ack to an [`AckTap`], deliveries before they reach the worker and acks
+//! before they reach the emulator (after the tap judged them): see [`super::acks`].
 
+use super::acks::{self, AckTap, GrpcReader, Side};
 use anyhow::{Context, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
@@ -57,11 +62,21 @@ pub struct CutProxy {
     stop: CancellationToken,
     tasks: TaskTracker,
     cuts: Arc<AtomicU64>,
+    tap: Option<Arc<AckTap>>,
 }
 
 impl CutProxy {
     /// Listens on a free loopback port and forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Result<CutProxy> {
+        CutProxy::start_with(upstream, None).await
+    }
+
+    /// The same, every connection read by `tap` as well (see the module docs).
+    pub async fn start_tapped(upstream: SocketAddr, tap: Arc<AckTap>) -> Result<CutProxy> {
+        CutProxy::start_with(upstream, Some(tap)).await
+    }
+
+    async fn start_with(upstream: SocketAddr, tap: Option<Arc<AckTap>>) -> Result<CutProxy> {
         let mut proxy = CutProxy {
             upstream,
             shared: LaneId(0),
@@ -71,6 +86,7 @@ impl CutProxy {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             cuts: Arc::new(AtomicU64::new(0)),
+            tap,
         };
         proxy.shared = proxy.open_lane().await?.0;
         Ok(proxy)
@@ -81,6 +97,11 @@ impl CutProxy {
         self.lane_addr(self.shared)
             .map(|a| a.to_string())
             .unwrap_or_default()
+    }
+
+    /// The lanes open now (a closed lane's worker is gone).
+    pub fn open_lanes(&self) -> HashSet<LaneId> {
+        self.lanes().keys().copied().collect()
     }
 
     fn lane_addr(&self, lane: LaneId) -> Option<SocketAddr> {
@@ -106,6 +127,7 @@ impl CutProxy {
             let tasks = self.tasks.clone();
             let held = held.subscribe();
             let upstream = self.upstream;
+            let tap = self.tap.clone();
             async move {
                 loop {
                     let (client, _) = tokio::select! {
@@ -117,7 +139,15 @@ impl CutProxy {
                         },
                     };
                     let cut = generation.lock().await.child_token();
-                    tasks.spawn(pipe(client, upstream, cut, closed.clone(), held.clone()));
+                    let tap = tap.clone().map(|t| (t, id));
+                    tasks.spawn(pipe(
+                        client,
+                        upstream,
+                        cut,
+                        closed.clone(),
+                        held.clone(),
+                        tap,
+                    ));
                 }
             }
         };
@@ -185,6 +215,7 @@ async fn pipe(
     cut: CancellationToken,
     closed: CancellationToken,
     held: watch::Receiver<bool>,
+    tap: Option<(Arc<AckTap>, LaneId)>,
 ) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         reset(client);
@@ -195,11 +226,8 @@ async fn pipe(
     {
         let (mut from_client, mut to_client) = client.split();
         let (mut from_server, mut to_server) = server.split();
-        let up = forward_unless_held(&mut from_client, &mut to_server, held);
-        let down = async {
-            tokio::io::copy(&mut from_server, &mut to_client).await?;
-            to_client.shutdown().await
-        };
+        let up = forward_unless_held(&mut from_client, &mut to_server, held, tap.clone());
+        let down = forward_down(&mut from_server, &mut to_client, tap);
         tokio::select! {
             // A reset first: a closed lane also ends the held copy (its sender is gone), and
             // that must not pass for a clean end.
@@ -217,23 +245,60 @@ async fn pipe(
 }
 
 /// Copies `from` → `to` like `tokio::io::copy`, but each chunk read waits while the lane is
-/// held; EOF is passed on (as a shutdown of `to`) the same way.
+/// held, and a tap judges the acks it completes before it is written; EOF is passed on (as a
+/// shutdown of `to`) the same way.
 async fn forward_unless_held(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
     mut held: watch::Receiver<bool>,
+    tap: Option<(Arc<AckTap>, LaneId)>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
+    let mut reader = GrpcReader::new(Side::Client);
     loop {
         let n = from.read(&mut buf).await?;
         // Bytes read while held wait here; a lane that closes meanwhile resets the connection
-        // (the `select!` in `pipe`), so they are never sent.
+        // (the `select!` in `pipe`), so they are never sent, and never count as acks.
         held.wait_for(|h| !*h)
             .await
             .map_err(|_| std::io::Error::other("the proxy lane is gone"))?;
         if n == 0 {
             return to.shutdown().await;
         }
+        if let Some((tap, lane)) = &tap {
+            for message in reader.push(&buf[..n]) {
+                tap.forwarding(*lane, acks::client_ops(&message)).await;
+            }
+            tap.undecoded(reader.take_undecoded());
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
+/// Copies emulator → worker; a tap records the deliveries of each chunk before it is written.
+async fn forward_down(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    tap: Option<(Arc<AckTap>, LaneId)>,
+) -> std::io::Result<()> {
+    let Some((tap, lane)) = tap else {
+        tokio::io::copy(from, to).await?;
+        return to.shutdown().await;
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut reader = GrpcReader::new(Side::Server);
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        for message in reader.push(&buf[..n]) {
+            let delivered = acks::deliveries(&message);
+            if !delivered.is_empty() {
+                tap.delivered(lane, delivered);
+            }
+        }
+        tap.undecoded(reader.take_undecoded());
         to.write_all(&buf[..n]).await?;
     }
 }
