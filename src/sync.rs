@@ -248,6 +248,11 @@ impl Syncer {
         });
         let (cursor, permit) = match self.open(mailbox, target, &lease, priority, prepaid).await {
             Err(e) => {
+                // Every opening step (begin, the admission, or both in one script) is counted
+                // here, so Redis refusing a begin shows in the metrics like any failed sync.
+                if !matches!(e, SyncError::Cancelled) {
+                    Counters::inc(&self.counters.sync_errors_retryable);
+                }
                 // Best effort: whatever the failed step took, the TTLs free it anyway.
                 let _ = self.store.release_lease(mailbox, &lease).await;
                 return SyncOutcome::Failed(e);
@@ -420,10 +425,7 @@ impl Syncer {
                 let _ = self.store.release_lease(mailbox, lease).await;
                 Ok(Opening::Closed(SyncOutcome::Deferred(deferral)))
             }
-            Err(e) => {
-                Counters::inc(&self.counters.sync_errors_retryable);
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -92,6 +92,16 @@ async fn ack_only_after_commit_when_redis_refuses_the_commit() {
         during.acked_after_sync, before.acked_after_sync,
         "acked while the commit failed: {during:?}"
     );
+    // The refused retries count as failed syncs too, though what failed was their begin.
+    assert!(
+        eventually(Duration::from_secs(20), || worker
+            .snapshot()
+            .sync_errors_retryable
+            >= before.sync_errors_retryable + 3)
+        .await,
+        "refused begins were not counted: {:?}",
+        worker.snapshot()
+    );
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
