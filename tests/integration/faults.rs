@@ -206,10 +206,10 @@ async fn the_ack_tap_counts_an_ack_nothing_covers_as_p4() {
     assert_eq!(s.unknown_acks + s.undecoded + s.unjudged, 0, "{s:#?}");
     assert_eq!(s.held_by_live, 0, "{s:#?}");
     assert!(
-        s.details
+        s.early
             .iter()
-            .any(|d| d.contains(&format!("historyId {}", cursor + 1_000))),
+            .any(|e| e.history_id == Some(cursor + 1_000) && e.cursor == cursor),
         "{:#?}",
-        s.details
+        s.early
     );
 }

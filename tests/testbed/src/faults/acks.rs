@@ -40,8 +40,10 @@ use tokio::sync::Mutex;
 /// One Redis read of the judge may take this long before the ack is passed on unchecked (the
 /// lane's bytes wait meanwhile; Redis may be paused or restarting by a fault).
 const JUDGE_BOUND: Duration = Duration::from_secs(2);
-/// Violations and held messages described in the details, at most (the counts are complete).
+/// Held messages described in the details, at most (the counts are complete).
 const DESCRIBED: usize = 10;
+/// Early acks kept whole, at most (the count is complete).
+const EARLY_KEPT: usize = 1_000;
 
 /// A notification as the tap reads it from a delivery's data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +113,9 @@ pub struct AckSummary {
     pub nacks: u64,
     /// P4: acks sent while the cursor did not cover them (and nothing else allowed them).
     pub early_acks: u64,
+    /// The first of them, for the checks that know more than the tap (a lossy kill may have
+    /// taken the commit an ack followed with it) and for the details.
+    pub early: Vec<EarlyAck>,
     /// Messages whose latest delivery went to a worker that is still running and that it has
     /// neither acked nor given back: held (a P5 violation after a drain).
     pub held_by_live: u64,
@@ -123,8 +128,38 @@ pub struct AckSummary {
     /// on (bad framing); connections that are not HTTP/2 at all (the subscription check's
     /// HTTP/1 JSON) are not counted.
     pub undecoded: u64,
-    /// What the early acks and held messages were.
+    /// What the held messages were.
     pub details: Vec<String>,
+}
+
+/// One ack the judge found nothing to justify.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EarlyAck {
+    pub lane: u64,
+    pub message_id: String,
+    /// `None` for a message that is not a notification.
+    pub mailbox: Option<String>,
+    pub history_id: Option<u64>,
+    /// The mailbox's cursor when the ack was judged (0 for a non-notification).
+    pub cursor: u64,
+}
+
+impl std::fmt::Display for EarlyAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.mailbox, self.history_id) {
+            (Some(m), Some(h)) => write!(
+                f,
+                "lane {}: message {} ({m} historyId {h}) acked while the cursor was {}, not in \
+                 the quarantine stream",
+                self.lane, self.message_id, self.cursor
+            ),
+            _ => write!(
+                f,
+                "lane {}: message {} (not a notification) acked, not in the quarantine stream",
+                self.lane, self.message_id
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -140,8 +175,8 @@ struct Record {
     stale_acks: u64,
     nacks: u64,
     early_acks: u64,
+    early: Vec<EarlyAck>,
     undecoded: u64,
-    details: Vec<String>,
 }
 
 /// The tap shared by every connection of the proxy (see the module docs).
@@ -277,16 +312,14 @@ impl AckTap {
             Some(Verdict::Early { cursor }) => {
                 rec.judged += 1;
                 rec.early_acks += 1;
-                if rec.details.len() < DESCRIBED {
-                    let what = match &p.notification {
-                        Some(n) => format!("{} historyId {}", n.email, n.history_id),
-                        None => "a message that is not a notification".to_string(),
-                    };
-                    rec.details.push(format!(
-                        "P4 lane {lane:?}: message {} ({what}) acked while the cursor was \
-                         {cursor}, not in the quarantine stream",
-                        p.message_id
-                    ));
+                if rec.early.len() < EARLY_KEPT {
+                    rec.early.push(EarlyAck {
+                        lane: lane.0,
+                        message_id: p.message_id.clone(),
+                        mailbox: p.notification.as_ref().map(|n| n.email.clone()),
+                        history_id: p.notification.as_ref().map(|n| n.history_id),
+                        cursor,
+                    });
                 }
             }
             Some(_) => rec.judged += 1,
@@ -348,8 +381,8 @@ impl AckTap {
             stale_acks: rec.stale_acks,
             nacks: rec.nacks,
             early_acks: rec.early_acks,
+            early: rec.early.clone(),
             undecoded: rec.undecoded,
-            details: rec.details.clone(),
             ..AckSummary::default()
         };
         let mut held = Vec::new();

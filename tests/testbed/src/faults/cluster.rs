@@ -33,6 +33,7 @@
 //! `block_in_place`) between async sleeps: the driver's traffic and cursor monitor run in the
 //! same `join!` and must keep going through the seconds a forced failover takes.
 
+use super::monitor::Regression;
 use super::{Fault, Scenario};
 use crate::bed::{Redis, Testbed, cursor_on};
 use crate::redis_server::{
@@ -106,9 +107,8 @@ pub(super) async fn fail_over(tb: &Testbed, shard: u32, how: Failover) -> Result
 /// What a lossy kill did.
 pub(super) struct LossyKill {
     pub promotion: Promotion,
-    /// `mailbox: before -> after` for each cursor lower after the promotion than just before
-    /// the kill.
-    pub lost: Vec<String>,
+    /// Each cursor lower after the promotion than just before the kill.
+    pub lost: Vec<Regression>,
 }
 
 /// The same SIGKILL, after holding the replica `behind` (see the module docs).
@@ -141,7 +141,7 @@ enum Promote<'a> {
 struct Lossy<'a> {
     behind: Duration,
     mailboxes: &'a [String],
-    lost: &'a mut Vec<String>,
+    lost: &'a mut Vec<Regression>,
 }
 
 impl From<Failover> for Promote<'_> {
@@ -212,7 +212,12 @@ async fn promote(tb: &Testbed, shard: u32, how: Promote<'_>) -> Result<Promotion
             if let Some(b) = before.get(&m)
                 && after < *b
             {
-                l.lost.push(format!("{m}: {b} -> {after}"));
+                l.lost.push(Regression {
+                    at: Instant::now(),
+                    mailbox: m,
+                    before: *b,
+                    after,
+                });
             }
         }
         eprintln!(

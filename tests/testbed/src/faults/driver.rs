@@ -11,7 +11,7 @@ mod pinned;
 
 use super::acks::{AckSummary, AckTap};
 use super::cluster;
-use super::monitor::{self, CursorSamples};
+use super::monitor::{self, CursorSamples, Regression};
 use super::proxy::{CutProxy, LaneId};
 use super::{Fault, GmailFault, Row, Scenario, Schedule, Violations};
 use crate::bed::{READY_TIMEOUT, Testbed, WorkerProcess};
@@ -55,6 +55,8 @@ pub const DRAIN_BOUND: Duration = Duration::from_secs(120);
 const ACK_SETTLE: Duration = Duration::from_secs(30);
 /// How often the settle loop looks.
 const ACK_POLL: Duration = Duration::from_millis(100);
+/// P4 violations described in the details, at most (the count is complete).
+const DESCRIBED: usize = 10;
 /// The traffic's tick; each tick makes `rate / TICKS_PER_SEC` changes.
 const TICK: Duration = Duration::from_millis(100);
 const TICKS_PER_SEC: u32 = 10;
@@ -349,28 +351,37 @@ pub async fn run(
         .count();
     let streams = compare_streams(tb, &witnessed).await?;
     details.extend(streams.details);
-    let (in_loss_windows, regressions): (Vec<_>, Vec<_>) =
-        samples.regressions.iter().partition(|(at, _)| {
+    let (in_loss_windows, regressions): (Vec<&Regression>, Vec<&Regression>) =
+        samples.regressions.iter().partition(|r| {
             observed
                 .loss_windows
                 .iter()
-                .any(|(from, to)| from <= at && at <= to)
+                .any(|(from, to)| *from <= r.at && r.at <= *to)
         });
-    details.extend(regressions.iter().map(|(_, r)| format!("P3 {r}")));
-    // Lost writes are counted by mailbox (over the run): the driver's reads around a kill see
-    // one, the monitor (inside the window) usually sees it too.
-    let lost_mailboxes: BTreeSet<&str> = observed
-        .lost_writes
-        .iter()
-        .chain(in_loss_windows.iter().map(|(_, r)| r))
-        .filter_map(|r| r.split(':').next())
-        .collect();
+    details.extend(regressions.iter().map(|r| format!("P3 {r}")));
+    // The lossy kills' lost writes: the driver's reads around each kill see them, the monitor
+    // (inside the window) usually too. Counted by mailbox over the run.
+    let lost: Vec<&Regression> = observed.lost_writes.iter().chain(in_loss_windows).collect();
+    let lost_mailboxes: BTreeSet<&str> = lost.iter().map(|r| r.mailbox.as_str()).collect();
     details.extend(
-        observed
-            .lost_writes
-            .iter()
-            .chain(in_loss_windows.iter().map(|(_, r)| r))
+        lost.iter()
             .map(|r| format!("lost write (a lossy kill, expected): {r}")),
+    );
+    // An ack the tap judged after such a loss, of a notification the lost commit had covered,
+    // followed its commit: Redis acknowledged the commit, then lost it. Not P4.
+    let (acks_of_lost_commits, early_acks): (Vec<_>, Vec<_>) = acks.early.iter().partition(|e| {
+        lost.iter().any(|l| {
+            e.mailbox.as_deref() == Some(l.mailbox.as_str())
+                && e.history_id.is_some_and(|h| h <= l.before)
+                && l.after <= e.cursor
+        })
+    });
+    let early_beyond_kept = acks.early_acks - acks.early.len() as u64;
+    details.extend(early_acks.iter().take(DESCRIBED).map(|e| format!("P4 {e}")));
+    details.extend(
+        acks_of_lost_commits
+            .iter()
+            .map(|e| format!("ack of a lost commit (a lossy kill, expected): {e}")),
     );
     details.extend(fleet.bad_exits.iter().map(|b| format!("P6 {b}")));
     details.extend(acks.details.iter().cloned());
@@ -385,7 +396,7 @@ pub async fn run(
         p1_lost: streams.lost,
         p2_duplicate: streams.duplicate,
         p3_cursor_regressed: regressions.len() as u64,
-        p4_ack_before_commit: acks.early_acks,
+        p4_ack_before_commit: early_acks.len() as u64 + early_beyond_kept,
         p5_not_drained: u64::from(drain_secs.is_none()) + acks.held_by_live,
         p6_bad_exit: fleet.bad_exits.len() as u64,
     };
@@ -466,9 +477,9 @@ struct Observed {
     /// From the start of each lossy kill until [`cluster::LOSS_SEEN_WITHIN`] after its
     /// promotion: a cursor regression inside is that kill's lost write, not a P3 violation.
     loss_windows: Vec<(Instant, Instant)>,
-    /// `mailbox: before -> after` for each cursor a lossy kill moved back (read just before the
-    /// kill and after the promotion).
-    lost_writes: Vec<String>,
+    /// Each cursor a lossy kill moved back (read just before the kill and after the
+    /// promotion).
+    lost_writes: Vec<Regression>,
 }
 
 /// Something a timed fault must undo later.

@@ -18,6 +18,22 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// A connection attempt after a failed round waits this long (Redis may be down for seconds).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
+/// A cursor read lower than one read before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Regression {
+    /// When the lower value was read.
+    pub at: Instant,
+    pub mailbox: String,
+    pub before: u64,
+    pub after: u64,
+}
+
+impl std::fmt::Display for Regression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} -> {}", self.mailbox, self.before, self.after)
+    }
+}
+
 /// What the monitor saw.
 #[derive(Debug, Default, Clone)]
 pub struct CursorSamples {
@@ -25,8 +41,8 @@ pub struct CursorSamples {
     pub rounds: u64,
     /// Rounds that failed (Redis unavailable).
     pub failed_rounds: u64,
-    /// When and what (`mailbox: before -> after`) for every regression seen.
-    pub regressions: Vec<(Instant, String)>,
+    /// Every regression seen.
+    pub regressions: Vec<Regression>,
     /// The last cursor read per mailbox.
     pub last: BTreeMap<String, u64>,
     /// Every cursor value read per mailbox: each one a committed cursor, the witnesses of
@@ -77,8 +93,12 @@ pub async fn run(
                     if let Some(before) = rec.last.insert(m.clone(), now)
                         && now < before
                     {
-                        rec.regressions
-                            .push((Instant::now(), format!("{m}: {before} -> {now}")));
+                        rec.regressions.push(Regression {
+                            at: Instant::now(),
+                            mailbox: m.clone(),
+                            before,
+                            after: now,
+                        });
                     }
                 }
             }

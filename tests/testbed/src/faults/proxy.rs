@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 /// One listening port of the proxy (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LaneId(u64);
+pub struct LaneId(pub(super) u64);
 
 /// What the proxy keeps per lane.
 #[derive(Debug)]
