@@ -21,9 +21,11 @@
 //! whose window is a Gmail call and more, cannot (the README's "Fault suite" has the mutation
 //! run that showed it).
 //!
-//! Headers need no HPACK: the tap ignores them and tells messages apart by their fields. The
-//! workers' other RPC, `GetSubscription`, has only field 1 in its request, and its answer does
-//! not decode as a delivery (a `ReceivedMessage` needs an ack id, a message id and data).
+//! Headers need no HPACK: the tap ignores them and tells messages apart by their fields (a
+//! `GetSubscription` request has only field 1, and its answer does not decode as a delivery: a
+//! `ReceivedMessage` needs an ack id, a message id and data). A connection that is not HTTP/2
+//! at all (the workers' subscription check speaks HTTP/1 JSON) is recognised by its first bytes
+//! and left alone.
 //!
 //! The same record tells, at the end, which messages a live worker still holds without an ack
 //! ([`AckTap::summary`]): after a drain every delivery to a live worker must have been acked
