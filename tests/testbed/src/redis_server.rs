@@ -901,33 +901,33 @@ impl RedisCluster {
             .arg("masterauth")
             .query(&mut con)?;
         let original = got.get(1).cloned().unwrap_or_default();
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("masterauth")
-            .arg(WRONG_MASTERAUTH)
-            .query(&mut con)?;
+        self.let_replica_catch_up(replica, WRONG_MASTERAUTH)?;
         let cut = query_string(
             &self.secured,
             master,
             &["CLIENT", "KILL", "TYPE", "replica"],
             ADMIN_TIMEOUT,
-        )?;
-        if cut == "0" {
-            bail!("127.0.0.1:{master} had no replica link to cut");
+        );
+        if !matches!(cut.as_deref(), Ok(n) if n != "0") {
+            // Nothing held behind: the replica gets its own masterauth back at once.
+            self.let_replica_catch_up(replica, &original)?;
+            bail!("127.0.0.1:{master} had no replica link to cut: {cut:?}");
         }
         Ok(original)
     }
 
-    /// Gives the node at `port` its `masterauth` back (see [`Self::hold_replica_behind`]).
+    /// Sets the `masterauth` of the node at `port` (its own back, after
+    /// [`Self::hold_replica_behind`]).
     pub fn let_replica_catch_up(&self, port: u16, masterauth: &str) -> Result<()> {
-        let client = self.secured.client(port)?;
-        let mut con = client.get_connection_with_timeout(ADMIN_TIMEOUT)?;
-        con.set_read_timeout(Some(ADMIN_TIMEOUT))?;
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("masterauth")
-            .arg(masterauth)
-            .query(&mut con)?;
+        let ok = query_string(
+            &self.secured,
+            port,
+            &["CONFIG", "SET", "masterauth", masterauth],
+            ADMIN_TIMEOUT,
+        )?;
+        if ok != "OK" {
+            bail!("CONFIG SET masterauth at 127.0.0.1:{port} answered {ok:?}");
+        }
         Ok(())
     }
 

@@ -361,7 +361,10 @@ pub async fn run(
     details.extend(regressions.iter().map(|r| format!("P3 {r}")));
     // The lossy kills' lost writes: the driver's reads around each kill see them, the monitor
     // (inside the window) usually too. Counted by mailbox over the run.
-    let lost: Vec<&Regression> = observed.lost_writes.iter().chain(in_loss_windows).collect();
+    let mut lost: Vec<&Regression> = observed.lost_writes.iter().chain(in_loss_windows).collect();
+    // A loss both saw alike is described once.
+    lost.sort_by_key(|r| (&r.mailbox, r.before, r.after));
+    lost.dedup_by_key(|r| (&r.mailbox, r.before, r.after));
     let lost_mailboxes: BTreeSet<&str> = lost.iter().map(|r| r.mailbox.as_str()).collect();
     details.extend(
         lost.iter()
