@@ -1,6 +1,7 @@
 //! Sealed refresh tokens (see `vault` for the layout), one per mailbox, in the shard's
 //! `credentials` hash (field = mailbox). The store keeps bytes and never sees a plaintext.
 
+use super::script::ScriptCall;
 use super::{Store, StoreError};
 use crate::mailbox::Mailbox;
 use redis::Script;
@@ -71,15 +72,16 @@ impl Store {
         expected: &[u8],
         sealed: &[u8],
     ) -> Result<Replaced, StoreError> {
+        let mut call = ScriptCall::new(&REPLACE, 1);
+        call.key(self.keys.credentials_of(mailbox))
+            .arg(mailbox.as_str())
+            .arg(expected)
+            .arg(sealed);
         let reply: String = self
             .conn
             .retrying(|mut c| {
-                let mut inv = REPLACE.prepare_invoke();
-                inv.key(self.keys.credentials_of(mailbox))
-                    .arg(mailbox.as_str())
-                    .arg(expected)
-                    .arg(sealed);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         match reply.as_str() {

@@ -7,6 +7,7 @@
 //! meanwhile (because notifications arrived) is just given a later score by `claim.lua`, so the
 //! notification path never writes the schedule.
 
+use super::script::ScriptCall;
 use super::{Store, StoreError, now_ms, parse_cursor};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
@@ -197,21 +198,22 @@ impl Store {
         baseline: HistoryId,
         plan: &WatchPlan,
     ) -> Result<(bool, HistoryId), StoreError> {
+        let mut call = ScriptCall::new(&REGISTER, 3);
+        call.key(self.keys.state(mailbox))
+            .key(self.keys.schedule_of(mailbox))
+            .key(self.keys.renewal_failing_of(mailbox))
+            .arg(baseline.get())
+            .arg(plan.expiration_ms / 1000)
+            .arg(plan.renew_at_s)
+            .arg(plan.first_look_ms)
+            .arg(mailbox.as_str())
+            .arg(plan.labels.as_deref().unwrap_or(""))
+            .arg(now_ms() / 1000);
         let (created, cursor): (i64, String) = self
             .conn
             .retrying(|mut c| {
-                let mut inv = REGISTER.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.schedule_of(mailbox))
-                    .key(self.keys.renewal_failing_of(mailbox))
-                    .arg(baseline.to_string())
-                    .arg(plan.expiration_ms / 1000)
-                    .arg(plan.renew_at_s)
-                    .arg(plan.first_look_ms)
-                    .arg(mailbox.as_str())
-                    .arg(plan.labels.as_deref().unwrap_or(""))
-                    .arg(now_ms() / 1000);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         Ok((created == 1, parse_cursor(&cursor)?))
@@ -281,25 +283,26 @@ impl Store {
         if mailboxes.is_empty() {
             return Ok(Vec::new());
         }
+        let mut call = ScriptCall::new(&CLAIM, 2 + 2 * mailboxes.len());
+        call.key(self.keys.schedule(shard))
+            .key(self.keys.renewal_budget(shard));
+        for m in mailboxes {
+            call.key(self.keys.state(m)).key(self.keys.claim(m));
+        }
+        call.arg(now_ms)
+            .arg(claim.ttl.as_millis() as u64)
+            .arg(&claim.token)
+            .arg(silence.as_millis() as u64)
+            .arg(renewals_per_window)
+            .arg(window_end_ms);
+        for (m, j) in mailboxes.iter().zip(jitters_ms) {
+            call.arg(m.as_str()).arg(*j);
+        }
         let raw: Vec<String> = self
             .conn
             .retrying(|mut c| {
-                let mut inv = CLAIM.prepare_invoke();
-                inv.key(self.keys.schedule(shard))
-                    .key(self.keys.renewal_budget(shard));
-                for m in mailboxes {
-                    inv.key(self.keys.state(m)).key(self.keys.claim(m));
-                }
-                inv.arg(now_ms)
-                    .arg(claim.ttl.as_millis() as u64)
-                    .arg(&claim.token)
-                    .arg(silence.as_millis() as u64)
-                    .arg(renewals_per_window)
-                    .arg(window_end_ms);
-                for (m, j) in mailboxes.iter().zip(jitters_ms) {
-                    inv.arg(m.as_str()).arg(*j);
-                }
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         let mut claimed = Vec::new();
@@ -351,24 +354,25 @@ impl Store {
             FinishOutcome::Synced => ("done", 0, (0, 0)),
             FinishOutcome::Deferred { after } => ("deferred", 0, (after.as_millis() as u64, 0)),
         };
+        let mut call = ScriptCall::new(&FINISH, 4);
+        call.key(self.keys.state(mailbox))
+            .key(self.keys.schedule_of(mailbox))
+            .key(self.keys.claim(mailbox))
+            .key(self.keys.renewal_failing_of(mailbox))
+            .arg(&claim.token)
+            .arg(mailbox.as_str())
+            .arg(name)
+            .arg(expiration_s)
+            .arg(renew.0)
+            .arg(silence.as_millis() as u64)
+            .arg(jitter_ms)
+            .arg(now_ms())
+            .arg(renew.1);
         let reply: String = self
             .conn
             .retrying(|mut c| {
-                let mut inv = FINISH.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.schedule_of(mailbox))
-                    .key(self.keys.claim(mailbox))
-                    .key(self.keys.renewal_failing_of(mailbox))
-                    .arg(&claim.token)
-                    .arg(mailbox.as_str())
-                    .arg(name)
-                    .arg(expiration_s)
-                    .arg(renew.0)
-                    .arg(silence.as_millis() as u64)
-                    .arg(jitter_ms)
-                    .arg(now_ms())
-                    .arg(renew.1);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         match reply.as_str() {
@@ -390,21 +394,22 @@ impl Store {
         source: AttentionSource,
     ) -> Result<(), StoreError> {
         let reason: String = reason.chars().take(MAX_ATTENTION_REASON_CHARS).collect();
+        let mut call = ScriptCall::new(&ATTENTION, 5);
+        call.key(self.keys.state(mailbox))
+            .key(self.keys.schedule_of(mailbox))
+            .key(self.keys.renewal_failing_of(mailbox))
+            .key(self.keys.claim(mailbox))
+            .key(self.keys.stream_of(mailbox))
+            .arg(&reason)
+            .arg(mailbox.as_str())
+            .arg(self.stream_maxlen)
+            .arg(source.as_str())
+            .arg(kind.as_str());
         let _: i64 = self
             .conn
             .retrying(|mut c| {
-                let mut inv = ATTENTION.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.schedule_of(mailbox))
-                    .key(self.keys.renewal_failing_of(mailbox))
-                    .key(self.keys.claim(mailbox))
-                    .key(self.keys.stream_of(mailbox))
-                    .arg(&reason)
-                    .arg(mailbox.as_str())
-                    .arg(self.stream_maxlen)
-                    .arg(source.as_str())
-                    .arg(kind.as_str());
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         Ok(())
@@ -413,20 +418,21 @@ impl Store {
     /// Deletes the mailbox's state, lease, claim, schedule entries and stored credential and
     /// writes a `mailbox_removed` entry. False if it was not registered.
     pub async fn remove(&self, mailbox: &Mailbox) -> Result<bool, StoreError> {
+        let mut call = ScriptCall::new(&REMOVE, 7);
+        call.key(self.keys.state(mailbox))
+            .key(self.keys.lease(mailbox))
+            .key(self.keys.claim(mailbox))
+            .key(self.keys.schedule_of(mailbox))
+            .key(self.keys.renewal_failing_of(mailbox))
+            .key(self.keys.stream_of(mailbox))
+            .key(self.keys.credentials_of(mailbox))
+            .arg(mailbox.as_str())
+            .arg(self.stream_maxlen);
         let removed: i64 = self
             .conn
             .retrying(|mut c| {
-                let mut inv = REMOVE.prepare_invoke();
-                inv.key(self.keys.state(mailbox))
-                    .key(self.keys.lease(mailbox))
-                    .key(self.keys.claim(mailbox))
-                    .key(self.keys.schedule_of(mailbox))
-                    .key(self.keys.renewal_failing_of(mailbox))
-                    .key(self.keys.stream_of(mailbox))
-                    .key(self.keys.credentials_of(mailbox))
-                    .arg(mailbox.as_str())
-                    .arg(self.stream_maxlen);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         Ok(removed == 1)
@@ -542,11 +548,11 @@ impl Store {
                     let key = self.keys.renewal_failing(shard);
                     let mut pipe = redis::pipe();
                     pipe.cmd("ZCOUNT")
-                        .arg(&key)
+                        .arg(key)
                         .arg("-inf")
                         .arg(horizon_ms)
                         .cmd("ZRANGE")
-                        .arg(&key)
+                        .arg(key)
                         .arg(0)
                         .arg(0)
                         .arg("WITHSCORES");

@@ -34,10 +34,11 @@ mod lifecycle;
 pub mod quarantine;
 mod quota;
 mod schema;
+mod script;
 
 pub use connection::{RedisConnection, install_crypto_provider, single_client};
 pub use credential::{CredentialPage, Replaced};
-pub use keys::KeyLayout;
+pub use keys::{Key, KeyLayout};
 pub use lease::Lease;
 pub use lifecycle::{
     AttentionKind, AttentionSource, Claim, ClaimAction, Claimed, FinishOutcome, ListCursor,
@@ -52,12 +53,15 @@ use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use connection::{IDEMPOTENT_ATTEMPTS, RETRY_STEP, is_transient};
 use redis::Script;
+use script::ScriptCall;
 use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("begin.lua")));
 static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("commit.lua")));
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
+/// How many keys `begin.lua` takes.
+const BEGIN_KEYS: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -269,31 +273,29 @@ impl Store {
         target: HistoryId,
         lease: &Lease,
     ) -> Result<Begin, StoreError> {
+        let mut call = ScriptCall::new(&BEGIN, BEGIN_KEYS);
+        self.begin_keys(&mut call, mailbox);
+        Self::begin_args(&mut call, target, lease);
         let (outcome, cursor): (String, String) = self
             .conn
             .retrying(|mut c| {
-                let mut inv = BEGIN.prepare_invoke();
-                self.begin_invocation(&mut inv, mailbox, target, lease);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         begin_reply(&outcome, &cursor)
     }
 
-    /// `begin.lua`'s keys and arguments, appended to `inv` (alone, or first in
+    /// `begin.lua`'s keys ([`BEGIN_KEYS`] of them), added to `call` (alone, or first in
     /// `begin_admit`).
-    fn begin_invocation(
-        &self,
-        inv: &mut redis::ScriptInvocation<'_>,
-        mailbox: &Mailbox,
-        target: HistoryId,
-        lease: &Lease,
-    ) {
-        inv.key(self.keys.state(mailbox))
-            .key(self.keys.lease(mailbox))
-            .arg(target.to_string())
-            .arg(&lease.token)
-            .arg(lease.ttl_ms());
+    fn begin_keys(&self, call: &mut ScriptCall<'_>, mailbox: &Mailbox) {
+        call.key(self.keys.state(mailbox))
+            .key(self.keys.lease(mailbox));
+    }
+
+    /// `begin.lua`'s arguments, added to `call` after every key.
+    fn begin_args(call: &mut ScriptCall<'_>, target: HistoryId, lease: &Lease) {
+        call.arg(target.get()).arg(&lease.token).arg(lease.ttl_ms());
     }
 
     /// Appends `entries` and moves the cursor from `from` to `to` in one script, if the lease is
@@ -315,14 +317,14 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut inv = COMMIT.prepare_invoke();
-            inv.key(self.keys.state(mailbox))
+            let mut call = ScriptCall::new(&COMMIT, 4);
+            call.key(self.keys.state(mailbox))
                 .key(self.keys.lease(mailbox))
                 .key(self.keys.stream_of(mailbox))
                 .key(self.keys.in_flight(mailbox))
                 .arg(&lease.token)
-                .arg(from.to_string())
-                .arg(to.to_string())
+                .arg(from.get())
+                .arg(to.get())
                 .arg(lease.ttl_ms())
                 .arg(self.stream_maxlen)
                 .arg(mailbox.as_str())
@@ -336,17 +338,17 @@ impl Store {
                     LeaseAfterCommit::Keep => "",
                 });
             for e in entries {
-                inv.arg(4 + 2 * e.fields.len())
+                call.arg(4 + 2 * e.fields.len())
                     .arg("kind")
                     .arg(e.kind.as_str())
                     .arg("history_id")
-                    .arg(e.history_id.to_string());
+                    .arg(e.history_id.get());
                 for (f, v) in &e.fields {
-                    inv.arg(f.as_ref()).arg(v.as_str());
+                    call.arg(f.as_ref()).arg(v.as_str());
                 }
             }
             let mut c = self.conn.clone();
-            let reply: Result<(String, String), _> = inv.invoke_async(&mut c).await;
+            let reply: Result<(String, String), _> = call.invoke(&mut c).await;
             let (outcome, cursor) = match reply {
                 Ok(r) => r,
                 Err(e) if attempt < IDEMPOTENT_ATTEMPTS && is_transient(&e) => {
@@ -394,12 +396,13 @@ impl Store {
         token: &str,
         ttl_ms: u64,
     ) -> Result<bool, StoreError> {
+        let mut call = ScriptCall::new(&LEASE, 1);
+        call.key(self.keys.lease(mailbox)).arg(token).arg(ttl_ms);
         let ours: i64 = self
             .conn
             .retrying(|mut c| {
-                let mut inv = LEASE.prepare_invoke();
-                inv.key(self.keys.lease(mailbox)).arg(token).arg(ttl_ms);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         Ok(ours == 1)
@@ -433,7 +436,7 @@ impl Store {
             .retrying(|mut c| {
                 let cmd = {
                     let mut cmd = redis::cmd("XADD");
-                    cmd.arg(&key)
+                    cmd.arg(key)
                         .arg("MAXLEN")
                         .arg("~")
                         .arg(self.quarantine_maxlen)

@@ -8,7 +8,8 @@
 //! two script calls — the user's first (the budget that refuses most often), then the
 //! project's, refunding the user's if the project refuses. On a single Redis it is one call.
 
-use super::{Begin, Lease, Store, StoreError, begin_reply};
+use super::script::ScriptCall;
+use super::{BEGIN_KEYS, Begin, Key, Lease, Store, StoreError, begin_reply};
 use crate::history_id::HistoryId;
 use crate::mailbox::Mailbox;
 use crate::store::RedisConnection;
@@ -135,7 +136,7 @@ impl Store {
             .conn
             .retrying(|mut c| {
                 let mut cmd = redis::cmd("ZREM");
-                cmd.arg(&key).arg(token);
+                cmd.arg(key).arg(token);
                 async move { cmd.query_async(&mut c).await }
             })
             .await?;
@@ -148,19 +149,20 @@ impl Store {
         key: QuotaKey<'_>,
         duration: Duration,
     ) -> Result<(), StoreError> {
-        let key = self.window_key(key);
+        let mut call = ScriptCall::new(&BLOCK, 1);
+        call.key(self.window_key(key))
+            .arg((duration.as_millis() as u64).max(1));
         let _: i64 = self
             .conn
             .retrying(|mut c| {
-                let mut inv = BLOCK.prepare_invoke();
-                inv.key(&key).arg((duration.as_millis() as u64).max(1));
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         Ok(())
     }
 
-    fn window_key(&self, key: QuotaKey<'_>) -> String {
+    fn window_key<'a>(&'a self, key: QuotaKey<'a>) -> Key<'a> {
         match key {
             QuotaKey::User(m) => self.keys.quota_user(m),
             QuotaKey::ProjectMinute => self.keys.quota_project_minute(),
@@ -178,49 +180,34 @@ impl Store {
         slot: Option<SlotRequest<'_>>,
         mode: ChargeMode,
     ) -> Result<(ChargeReply, u64), StoreError> {
+        let mut call = ScriptCall::new(&CHARGE, charge_key_count(group, slot));
+        self.charge_keys(&mut call, windows, group, slot);
+        charge_args(&mut call, units, windows, group, slot, mode);
         // A retry after a lost reply may charge twice: that over-counts, which is safe.
         let (outcome, index, value): (String, i64, i64) = self
             .conn
             .retrying(|mut c| {
-                let mut inv = CHARGE.prepare_invoke();
-                self.charge_invocation(&mut inv, units, windows, group, slot, mode);
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         charge_reply(&outcome, index, value, group)
     }
 
-    /// `quota_charge.lua`'s keys and arguments for a charge over `windows[group]`, appended to
-    /// `inv` (alone, or after `begin`'s in `begin_admit`).
-    fn charge_invocation(
+    /// `quota_charge.lua`'s keys for a charge over `windows[group]` ([`charge_key_count`] of
+    /// them), added to `call` (alone, or after `begin`'s in `begin_admit`).
+    fn charge_keys(
         &self,
-        inv: &mut redis::ScriptInvocation<'_>,
-        units: u64,
+        call: &mut ScriptCall<'_>,
         windows: &[WindowCharge<'_>],
         group: &[usize],
         slot: Option<SlotRequest<'_>>,
-        mode: ChargeMode,
     ) {
         for &i in group {
-            inv.key(self.window_key(windows[i].key));
+            call.key(self.window_key(windows[i].key));
         }
         if let Some(s) = slot {
-            inv.key(self.keys.in_flight(s.mailbox));
-        }
-        inv.arg(units)
-            .arg(match mode {
-                ChargeMode::Admit => "admit",
-                ChargeMode::Record => "record",
-            })
-            .arg(slot.map_or("", |s| s.token))
-            .arg(slot.map_or(0, |s| s.cap))
-            .arg(slot.map_or(0, |s| (s.ttl.as_millis() as u64).max(1)))
-            .arg(group.len());
-        for &i in group {
-            let w = &windows[i];
-            inv.arg(w.limit)
-                .arg(w.span.as_millis() as u64)
-                .arg((w.bucket.as_millis() as u64).max(1));
+            call.key(self.keys.in_flight(s.mailbox));
         }
     }
 
@@ -244,22 +231,20 @@ impl Store {
         slot: SlotRequest<'_>,
     ) -> Result<(Begin, Option<ChargeReply>), StoreError> {
         let all: Vec<usize> = (0..windows.len()).collect();
+        let slot = Some(slot);
+        let mut call = ScriptCall::new(&BEGIN_ADMIT, BEGIN_KEYS + charge_key_count(&all, slot));
+        // Every key before every argument: begin's, then the charge's.
+        self.begin_keys(&mut call, mailbox);
+        self.charge_keys(&mut call, windows, &all, slot);
+        Store::begin_args(&mut call, target, lease);
+        charge_args(&mut call, units, windows, &all, slot, ChargeMode::Admit);
         // A retry after a lost reply finds its own lease (begin) and charges again: that
         // over-counts, which is safe (as a retried charge alone).
         let (outcome, cursor, charged, index, value): (String, String, String, i64, i64) = self
             .conn
             .retrying(|mut c| {
-                let mut inv = BEGIN_ADMIT.prepare_invoke();
-                self.begin_invocation(&mut inv, mailbox, target, lease);
-                self.charge_invocation(
-                    &mut inv,
-                    units,
-                    windows,
-                    &all,
-                    Some(slot),
-                    ChargeMode::Admit,
-                );
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         let begin = begin_reply(&outcome, &cursor)?;
@@ -278,27 +263,55 @@ impl Store {
         group: &[usize],
         slot: Option<SlotRequest<'_>>,
     ) -> Result<(), StoreError> {
+        let mut call = ScriptCall::new(&REFUND, charge_key_count(group, slot));
+        self.charge_keys(&mut call, windows, group, slot);
+        call.arg(units)
+            .arg(at)
+            .arg(slot.map_or("", |s| s.token))
+            .arg(group.len());
+        for &i in group {
+            call.arg((windows[i].bucket.as_millis() as u64).max(1));
+        }
         let _: i64 = self
             .conn
             .retrying(|mut c| {
-                let mut inv = REFUND.prepare_invoke();
-                for &i in group {
-                    inv.key(self.window_key(windows[i].key));
-                }
-                if let Some(s) = slot {
-                    inv.key(self.keys.in_flight(s.mailbox));
-                }
-                inv.arg(units)
-                    .arg(at)
-                    .arg(slot.map_or("", |s| s.token))
-                    .arg(group.len());
-                for &i in group {
-                    inv.arg((windows[i].bucket.as_millis() as u64).max(1));
-                }
-                async move { inv.invoke_async(&mut c).await }
+                let call = &call;
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         Ok(())
+    }
+}
+
+/// How many keys a charge (or its refund) over `group`, with or without a slot, takes.
+fn charge_key_count(group: &[usize], slot: Option<SlotRequest<'_>>) -> usize {
+    group.len() + usize::from(slot.is_some())
+}
+
+/// `quota_charge.lua`'s arguments for a charge over `windows[group]`, added to `call` after
+/// every key.
+fn charge_args(
+    call: &mut ScriptCall<'_>,
+    units: u64,
+    windows: &[WindowCharge<'_>],
+    group: &[usize],
+    slot: Option<SlotRequest<'_>>,
+    mode: ChargeMode,
+) {
+    call.arg(units)
+        .arg(match mode {
+            ChargeMode::Admit => "admit",
+            ChargeMode::Record => "record",
+        })
+        .arg(slot.map_or("", |s| s.token))
+        .arg(slot.map_or(0, |s| s.cap))
+        .arg(slot.map_or(0, |s| (s.ttl.as_millis() as u64).max(1)))
+        .arg(group.len());
+    for &i in group {
+        let w = &windows[i];
+        call.arg(w.limit)
+            .arg(w.span.as_millis() as u64)
+            .arg((w.bucket.as_millis() as u64).max(1));
     }
 }
 

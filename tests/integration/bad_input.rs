@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// Every entry of the quarantine stream, as field maps.
 async fn quarantine_entries(bed: &Bed) -> Vec<std::collections::HashMap<String, redis::Value>> {
     let mut con = bed.redis().await;
-    let key = bed.store().await.keys().quarantine();
+    let key = bed.store().await.keys().quarantine().to_string();
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(&key)
         .arg("-")
@@ -153,7 +153,7 @@ async fn a_flood_of_bad_payloads_keeps_the_quarantine_stream_under_its_byte_cap(
     assert_eq!((s.received, s.nacked), (FLOOD as u64, 0), "{s:?}");
 
     let mut con = bed.redis().await;
-    let key = bed.store().await.keys().quarantine();
+    let key = bed.store().await.keys().quarantine().to_string();
     let len: u64 = redis::cmd("XLEN")
         .arg(&key)
         .query_async(&mut con)

@@ -412,7 +412,8 @@ async fn a_worker_killed_mid_sync_loses_nothing_and_duplicates_nothing() {
         .store()
         .await
         .keys()
-        .lease(&gmail_sync::mailbox::Mailbox::parse(&email).unwrap());
+        .lease(&gmail_sync::mailbox::Mailbox::parse(&email).unwrap())
+        .to_string();
     let holder: String = redis::cmd("GET")
         .arg(&key)
         .query_async(&mut con)
