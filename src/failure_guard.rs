@@ -116,7 +116,13 @@ impl FailureGuard {
 
     /// A Gmail call for `mailbox` succeeded.
     pub fn succeeded(&mut self, mailbox: &Mailbox, now: Instant) {
-        if self.seen.len() >= CAPACITY && !self.seen.contains_key(mailbox) {
+        // Most calls find their mailbox already seen: updated in place, the address is not
+        // copied again (this runs once per sync).
+        if let Some(seen) = self.seen.get_mut(mailbox) {
+            *seen = Seen::Ok { at: now };
+            return;
+        }
+        if self.seen.len() >= CAPACITY {
             self.prune(now);
             if self.seen.len() >= CAPACITY {
                 return;

@@ -342,18 +342,19 @@ impl GmailClient {
         page_token: Option<&str>,
         page_size: u32,
     ) -> Result<HistoryPage, GmailError> {
-        let url = self.user_url(mailbox, "history");
-        let start = start.to_string();
-        let size = page_size.to_string();
+        // The whole URL built once, query included, outside the per-attempt closure: this is
+        // the call every sync makes (RequestBuilder::query re-encodes and re-parses per call).
+        let mut url = self.user_url(mailbox, "history");
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("startHistoryId", &start.to_string())
+                .append_pair("maxResults", &page_size.to_string());
+            if let Some(t) = page_token {
+                q.append_pair("pageToken", t);
+            }
+        }
         let result = self
-            .call::<wire::HistoryPage>(Method::HistoryList, mailbox, |http| {
-                let mut q: Vec<(&str, &str)> =
-                    vec![("startHistoryId", &start), ("maxResults", &size)];
-                if let Some(t) = page_token {
-                    q.push(("pageToken", t));
-                }
-                http.get(url.clone()).query(&q)
-            })
+            .call::<wire::HistoryPage>(Method::HistoryList, mailbox, |http| http.get(url.clone()))
             .await;
         match result {
             Ok(page) => Ok(HistoryPage::from(page)),
