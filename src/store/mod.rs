@@ -314,39 +314,40 @@ impl Store {
         slot: Option<&str>,
     ) -> Result<HistoryId, StoreError> {
         let now_s = now_ms() / 1000;
+        // Built once: every attempt sends the same command.
+        let mut call = ScriptCall::new(&COMMIT, 4);
+        call.key(self.keys.state(mailbox))
+            .key(self.keys.lease(mailbox))
+            .key(self.keys.stream_of(mailbox))
+            .key(self.keys.in_flight(mailbox))
+            .arg(&lease.token)
+            .arg(from.get())
+            .arg(to.get())
+            .arg(lease.ttl_ms())
+            .arg(self.stream_maxlen)
+            .arg(mailbox.as_str())
+            .arg(match lease_after {
+                LeaseAfterCommit::Release => "1",
+                LeaseAfterCommit::Keep => "0",
+            })
+            .arg(now_s)
+            .arg(match lease_after {
+                LeaseAfterCommit::Release => slot.unwrap_or(""),
+                LeaseAfterCommit::Keep => "",
+            });
+        for e in entries {
+            call.arg(4 + 2 * e.fields.len())
+                .arg("kind")
+                .arg(e.kind.as_str())
+                .arg("history_id")
+                .arg(e.history_id.get());
+            for (f, v) in &e.fields {
+                call.arg(f.as_ref()).arg(v.as_str());
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut call = ScriptCall::new(&COMMIT, 4);
-            call.key(self.keys.state(mailbox))
-                .key(self.keys.lease(mailbox))
-                .key(self.keys.stream_of(mailbox))
-                .key(self.keys.in_flight(mailbox))
-                .arg(&lease.token)
-                .arg(from.get())
-                .arg(to.get())
-                .arg(lease.ttl_ms())
-                .arg(self.stream_maxlen)
-                .arg(mailbox.as_str())
-                .arg(match lease_after {
-                    LeaseAfterCommit::Release => "1",
-                    LeaseAfterCommit::Keep => "0",
-                })
-                .arg(now_s)
-                .arg(match lease_after {
-                    LeaseAfterCommit::Release => slot.unwrap_or(""),
-                    LeaseAfterCommit::Keep => "",
-                });
-            for e in entries {
-                call.arg(4 + 2 * e.fields.len())
-                    .arg("kind")
-                    .arg(e.kind.as_str())
-                    .arg("history_id")
-                    .arg(e.history_id.get());
-                for (f, v) in &e.fields {
-                    call.arg(f.as_ref()).arg(v.as_str());
-                }
-            }
             let mut c = self.conn.clone();
             let reply: Result<(String, String), _> = call.invoke(&mut c).await;
             let (outcome, cursor) = match reply {
