@@ -171,7 +171,7 @@ mod tests {
                     return Err(AuthError::Transient("down".into()));
                 }
                 Ok(Minted {
-                    token: AccessToken::new(format!("t{n}")),
+                    token: AccessToken::new(format!("t{n}")).unwrap(),
                     lifetime: Duration::from_secs(3600),
                 })
             })
@@ -194,7 +194,7 @@ mod tests {
             })
             .collect();
         for w in waiters {
-            assert_eq!(w.await.unwrap().unwrap(), AccessToken::new("t1"));
+            assert_eq!(w.await.unwrap().unwrap(), AccessToken::new("t1").unwrap());
         }
         assert_eq!(mint.calls.load(Ordering::SeqCst), 1);
     }
@@ -204,17 +204,32 @@ mod tests {
         let mint = Arc::new(CountingMint::default());
         let cache = TokenCache::new(mint.clone(), 10);
         let m = mailbox(1);
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t1"));
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t1").unwrap()
+        );
         tokio::time::advance(Duration::from_secs(3600) - REFRESH_MARGIN - Duration::from_secs(1))
             .await;
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t1"));
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t1").unwrap()
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t2"));
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t2").unwrap()
+        );
         // A 401 with an older token does not throw away the newer one.
-        cache.forget(&m, &AccessToken::new("t1"));
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t2"));
-        cache.forget(&m, &AccessToken::new("t2"));
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t3"));
+        cache.forget(&m, &AccessToken::new("t1").unwrap());
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t2").unwrap()
+        );
+        cache.forget(&m, &AccessToken::new("t2").unwrap());
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t3").unwrap()
+        );
         assert_eq!(mint.calls.load(Ordering::SeqCst), 3);
     }
 
@@ -236,7 +251,10 @@ mod tests {
         assert!(b.await.unwrap().is_err());
         assert_eq!(mint.calls.load(Ordering::SeqCst), 1);
         mint.fail.store(false, Ordering::SeqCst);
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t2"));
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t2").unwrap()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -256,7 +274,10 @@ mod tests {
         tokio::task::yield_now().await;
         first.abort();
         assert!(second.await.unwrap().is_ok());
-        assert_eq!(cache.get(&m).await.unwrap(), AccessToken::new("t2"));
+        assert_eq!(
+            cache.get(&m).await.unwrap(),
+            AccessToken::new("t2").unwrap()
+        );
         assert_eq!(
             mint.calls.load(Ordering::SeqCst),
             2,

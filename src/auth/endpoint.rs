@@ -90,12 +90,18 @@ impl TokenEndpoint {
 pub(crate) fn classify(status: u16, body: &[u8]) -> Result<Minted, AuthError> {
     if (200..300).contains(&status) {
         return match serde_json::from_slice::<TokenAnswer>(body) {
-            Ok(answer) => Ok(Minted {
-                token: AccessToken::new(answer.access_token),
-                lifetime: answer
-                    .expires_in
-                    .map_or(DEFAULT_LIFETIME, Duration::from_secs),
-            }),
+            Ok(answer) => match AccessToken::new(answer.access_token) {
+                Ok(token) => Ok(Minted {
+                    token,
+                    lifetime: answer
+                        .expires_in
+                        .map_or(DEFAULT_LIFETIME, Duration::from_secs),
+                }),
+                Err(e) => Err(AuthError::Misconfigured(format!(
+                    "the token endpoint answered HTTP {status} with an unusable token ({e}): \
+                     is GMAIL_SYNC_TOKEN_URL right, or is a proxy answering instead?"
+                ))),
+            },
             Err(_) => Err(AuthError::Misconfigured(format!(
                 "the token endpoint answered HTTP {status} without a token: is \
                  GMAIL_SYNC_TOKEN_URL right, or is a proxy answering instead?"
@@ -142,7 +148,11 @@ mod tests {
     fn answers_map_to_who_acts() {
         let ok = classify(200, br#"{"access_token":"ya29.x","expires_in":1800}"#).unwrap();
         assert_eq!(ok.lifetime, Duration::from_secs(1800));
-        assert_eq!(ok.token, AccessToken::new("ya29.x"));
+        assert_eq!(ok.token, AccessToken::new("ya29.x").unwrap());
+        assert!(matches!(
+            classify(200, b"{\"access_token\":\"ya29.\\u0000x\"}"),
+            Err(AuthError::Misconfigured(d)) if d.contains("unusable token")
+        ));
         let e = |status, body: &str| classify(status, body.as_bytes()).unwrap_err();
         assert!(matches!(
             e(400, r#"{"error":"invalid_grant","error_description":"Token has been expired or revoked."}"#),

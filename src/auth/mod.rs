@@ -20,23 +20,58 @@ pub(crate) use cache::TokenCache;
 
 use crate::config::{AuthSettings, Secret};
 use crate::mailbox::Mailbox;
+use reqwest::header::HeaderValue;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// An OAuth access token. `Debug` never shows it (invariant I7).
-#[derive(Clone, PartialEq, Eq)]
-pub struct AccessToken(Secret);
+/// An OAuth access token, and the `Authorization` header value that carries it, built once:
+/// every Gmail call sends it, and formatting `Bearer …` per call was an allocation (and a copy
+/// of the secret) per request. Clones share both. `Debug` never shows it (invariant I7).
+#[derive(Clone)]
+pub struct AccessToken(Arc<TokenValue>);
+
+struct TokenValue {
+    token: Secret,
+    /// `Bearer <token>`, marked sensitive (hyper leaves sensitive values out of its debug
+    /// output). Not wiped on drop, as the per-request copies before it were not: one copy per
+    /// token now instead of one per request.
+    authorization: HeaderValue,
+}
 
 impl AccessToken {
-    pub fn new(token: impl Into<String>) -> Self {
-        AccessToken(Secret::new(token))
+    /// Fails if the token cannot travel in an HTTP header (only visible ASCII can): such a
+    /// token would fail every request, so it is refused where it enters the process.
+    pub fn new(token: impl Into<String>) -> Result<Self, InvalidAccessToken> {
+        let token = Secret::new(token);
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| InvalidAccessToken)?;
+        authorization.set_sensitive(true);
+        Ok(AccessToken(Arc::new(TokenValue {
+            token,
+            authorization,
+        })))
     }
-    pub fn bearer_value(&self) -> String {
-        format!("Bearer {}", self.0.expose())
+
+    /// The `Authorization` header value of a request made with this token (shared, not copied).
+    pub fn authorization(&self) -> HeaderValue {
+        self.0.authorization.clone()
     }
 }
+
+impl PartialEq for AccessToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.token == other.0.token
+    }
+}
+
+impl Eq for AccessToken {}
+
+/// A token with characters an HTTP header cannot carry (control characters, non-ASCII).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an access token must be visible ASCII (it travels in an HTTP header)")]
+pub struct InvalidAccessToken;
 
 impl std::fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,8 +200,8 @@ impl Mint for Grants {
 pub struct StaticToken(AccessToken);
 
 impl StaticToken {
-    pub fn new(token: &Secret) -> Self {
-        StaticToken(AccessToken(token.clone()))
+    pub fn new(token: &Secret) -> Result<Self, InvalidAccessToken> {
+        AccessToken::new(token.expose()).map(StaticToken)
     }
 }
 
@@ -217,7 +252,10 @@ impl Credentials {
         stored: Arc<dyn refresh::StoredRefreshTokens>,
     ) -> Result<Credentials, AuthError> {
         if let Some(token) = &settings.dev_access_token {
-            return Ok(Credentials::Development(Arc::new(StaticToken::new(token))));
+            let token = StaticToken::new(token).map_err(|e| {
+                AuthError::Misconfigured(format!("GMAIL_SYNC_DEV_ACCESS_TOKEN: {e}"))
+            })?;
+            return Ok(Credentials::Development(Arc::new(token)));
         }
         if settings.delegation.is_none() && settings.oauth_client.is_none() {
             return Ok(Credentials::None);
@@ -305,8 +343,14 @@ mod tests {
 
     #[test]
     fn token_debug_is_redacted() {
-        let t = AccessToken::new("ya29.secret");
+        let t = AccessToken::new("ya29.secret").unwrap();
         assert!(!format!("{t:?}").contains("secret"));
+        assert!(!format!("{:?}", t.authorization()).contains("secret"));
+        assert_eq!(t.authorization().to_str().unwrap(), "Bearer ya29.secret");
+        assert_eq!(
+            AccessToken::new("ya29.line\nbreak"),
+            Err(InvalidAccessToken)
+        );
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl GmailClient {
         let response = self
             .http
             .post(self.batch_url.clone())
-            .header(reqwest::header::AUTHORIZATION, token.bearer_value())
+            .header(reqwest::header::AUTHORIZATION, token.authorization())
             .header(
                 reqwest::header::CONTENT_TYPE,
                 format!("multipart/mixed; boundary={boundary}"),

@@ -245,6 +245,11 @@ impl GmailClient {
             .timeout(settings.request_timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(60))
+            // reqwest's default retry policy replays requests the server refused at the
+            // protocol level (HTTP/2 and HTTP/3 NACKs; this client speaks HTTP/1.1) and, to be
+            // able to, copies every request (headers, URI, extensions) before sending it. Our
+            // own loop (`call`) decides every retry; a policy allowed no retries copies nothing.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .user_agent(concat!("gmail-sync/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(GmailClient {
@@ -507,7 +512,7 @@ impl GmailClient {
         self.counters.gmail.spent(method, self.quota_units(method));
         let _ = REQUESTS_IN_TASK.try_with(|n| n.set(n.get() + 1));
         let response = build(&self.http)
-            .header(reqwest::header::AUTHORIZATION, token.bearer_value())
+            .header(reqwest::header::AUTHORIZATION, token.authorization())
             .send()
             .await;
         let response = match response {
