@@ -260,11 +260,14 @@ impl Syncer {
             Ok(Opening::Closed(outcome)) => return outcome,
             Ok(Opening::Admitted { cursor, permit }) => (cursor, permit),
         };
+        // historyIds as numbers: the JSON field formatter writes a u64 as it is, where a
+        // Display field is first formatted into a string of its own (this span opens once per
+        // sync).
         let span = tracing::info_span!(
             "sync",
             mailbox = %mailbox.for_log(self.log_style),
-            from = %cursor,
-            target = %target,
+            from = cursor.get(),
+            target = target.get(),
         );
         // Boxed: the Gmail and commit part is by far the largest state machine of a sync
         // (about 14 KiB: HTTP request futures, enrichment, a resync), and a future is moved by
@@ -292,7 +295,7 @@ impl Syncer {
                 self.guard.succeeded(mailbox);
                 span.in_scope(|| {
                     tracing::debug!(
-                        to = %progress.cursor,
+                        to = progress.cursor.get(),
                         pages = progress.pages,
                         changes = progress.changes,
                         gmail_calls,
@@ -592,7 +595,7 @@ impl Syncer {
         Counters::inc(&self.counters.resyncs);
         let profile = self.gmail.profile(mailbox).await?;
         let h0 = profile.history_id;
-        tracing::warn!(profile_history_id = %h0, reason = ?reason, "full resync");
+        tracing::warn!(profile_history_id = h0.get(), reason = ?reason, "full resync");
         let max = self.settings.resync_max_messages as usize;
         let mut listed: Vec<ListedMessage> = Vec::new();
         let mut page_token: Option<String> = None;

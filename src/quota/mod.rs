@@ -336,12 +336,15 @@ impl Shared {
         priority: Priority,
         units: u64,
     ) -> Vec<WindowCharge<'a>> {
-        let mut windows = vec![WindowCharge {
+        // Sized for all three windows up front: a `vec![..]` of one and a push grew it once
+        // per admission.
+        let mut windows = Vec::with_capacity(3);
+        windows.push(WindowCharge {
             key: QuotaKey::User(mailbox),
             limit: policy::limit_for(self.limits.user_per_minute, priority, units),
             span: MINUTE,
             bucket: MINUTE_BUCKET,
-        }];
+        });
         if let Some(limit) = self.limits.project_per_minute {
             windows.push(WindowCharge {
                 key: QuotaKey::ProjectMinute,
