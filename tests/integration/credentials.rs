@@ -476,6 +476,7 @@ fn register_with_refresh_token(
     dir: &Path,
     email: &str,
     token: &str,
+    overrides: &[(&str, &str)],
     outputs: &mut Vec<String>,
 ) {
     if !bed.sim.has_mailbox(email) {
@@ -493,7 +494,7 @@ fn register_with_refresh_token(
             "--refresh-token-file",
             &file.display().to_string(),
         ],
-        &[],
+        overrides,
     );
     outputs.push(text(&out));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -524,7 +525,7 @@ async fn refresh_tokens_end_to_end_with_revocation_and_reauthorization() {
         .collect();
     let mut outputs = Vec::new();
     for (m, t) in mailboxes.iter().zip(&tokens) {
-        register_with_refresh_token(&mut bed, &dir, m, t, &mut outputs);
+        register_with_refresh_token(&mut bed, &dir, m, t, &[], &mut outputs);
     }
     adopt_baselines(&mut bed, &mailboxes).await;
     // check-config with the secret given as a variable: the checks pass, the value is redacted.
@@ -620,6 +621,7 @@ async fn refresh_tokens_end_to_end_with_revocation_and_reauthorization() {
         &dir,
         revoked,
         "1//refresh-token-0b-never-log-me",
+        &[],
         &mut outputs,
     );
     bed.sim.deliver(revoked, &["INBOX"]);
@@ -678,9 +680,20 @@ async fn key_rotation_under_load_keeps_every_mailbox_working() {
     let dir = scratch_dir("rotate");
     let (mut bed, old_key) = refresh_token_bed("rotate", &dir).await;
     let mailboxes = emails("rotate", 6);
+    // Every mailbox is due for a fallback sync 1 s after its last look, whichever process set
+    // it (the registration, `during`, `after`): the worker after the rotation must not depend
+    // on notifications, which the emulator may keep routing to `during`'s cancelled stream for
+    // minutes (shared/reference/emulator.md). With the defaults the first look came 900 s
+    // after registration and `after` waited for notifications alone.
+    let quick_fallback = [
+        ("GMAIL_SYNC_SCHEDULER_TICK_MS", "100"),
+        ("GMAIL_SYNC_FALLBACK_SILENCE_SECS", "1"),
+        ("GMAIL_SYNC_FALLBACK_JITTER_SECS", "0"),
+    ];
     let mut outputs = Vec::new();
     for (i, m) in mailboxes.iter().enumerate() {
-        register_with_refresh_token(&mut bed, &dir, m, &format!("1//rotate-{i}"), &mut outputs);
+        let token = format!("1//rotate-{i}");
+        register_with_refresh_token(&mut bed, &dir, m, &token, &quick_fallback, &mut outputs);
     }
     adopt_baselines(&mut bed, &mailboxes).await;
     let (new_text, new_id) = gmail_sync::vault::generate_key_file();
@@ -691,7 +704,8 @@ async fn key_rotation_under_load_keeps_every_mailbox_working() {
         ("GMAIL_SYNC_TOKEN_KEY_FILE", new.as_str()),
         ("GMAIL_SYNC_TOKEN_KEY_PREVIOUS_FILE", old.as_str()),
     ];
-    let during = bed.start_worker_with(&both).await;
+    let during_env: Vec<(&str, &str)> = both.iter().chain(&quick_fallback).copied().collect();
+    let during = bed.start_worker_with(&during_env).await;
     let traffic = {
         let sim = bed.sim.clone();
         let mailboxes = mailboxes.clone();
@@ -724,18 +738,13 @@ async fn key_rotation_under_load_keeps_every_mailbox_working() {
     }
     // The old key is gone; access tokens lapse; everything still syncs. The emulator may
     // keep routing new messages to the stream `during` just cancelled (a stale stream: see
-    // shared/reference/emulator.md) and hand them over only minutes later, so this worker is
-    // driven by its fallback sync (every mailbox is silent after 1 s) rather than by
-    // notifications: the token path it proves is the same.
+    // shared/reference/emulator.md) and hand them over only minutes later, so this worker may
+    // be driven by its fallback sync (every mailbox is due 1 s after its last look) rather than
+    // by notifications: the token path it proves is the same.
     bed.sim.expire_access_tokens(None);
-    let after = bed
-        .start_worker_with(&[
-            ("GMAIL_SYNC_TOKEN_KEY_FILE", new.as_str()),
-            ("GMAIL_SYNC_SCHEDULER_TICK_MS", "100"),
-            ("GMAIL_SYNC_FALLBACK_SILENCE_SECS", "1"),
-            ("GMAIL_SYNC_FALLBACK_JITTER_SECS", "0"),
-        ])
-        .await;
+    let mut after_env = vec![("GMAIL_SYNC_TOKEN_KEY_FILE", new.as_str())];
+    after_env.extend_from_slice(&quick_fallback);
+    let after = bed.start_worker_with(&after_env).await;
     for m in &mailboxes {
         bed.sim.deliver(m, &["INBOX"]);
     }
