@@ -34,9 +34,9 @@ pub struct AccessToken(Arc<TokenValue>);
 
 struct TokenValue {
     token: Secret,
-    /// `Bearer <token>`, marked sensitive (hyper leaves sensitive values out of its debug
-    /// output). Not wiped on drop, as the per-request copies before it were not: one copy per
-    /// token now instead of one per request.
+    /// `Bearer <token>`, marked sensitive (its `Debug` prints `Sensitive`, never the token).
+    /// Not wiped on drop, as the per-request copies before it were not: one copy per token now
+    /// instead of one per request.
     authorization: HeaderValue,
 }
 
