@@ -34,6 +34,11 @@
 //! `BENCH_WORKER_THREADS=N` runs the worker on a multi-threaded runtime of N workers instead of
 //! gmail-sync's own (to compare runtime shapes).
 //!
+//! `BENCH_COUNT_ALLOCS=1` also prints the worker's allocation calls per notification over the
+//! same window (`support::alloc_count`: the examples' allocator counts calls; the worker
+//! publishes the counts to a file every 100 ms, which the driver reads at the window's idle
+//! ends). Far steadier than CPU time from run to run: the figure to watch for hot-path work.
+//!
 //! `BENCH_OTLP=1` starts a loopback OTLP/HTTP receiver in the driver (`testbed::otlp`, a
 //! collector's stand-in) and points the worker's metrics export at it
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT`), exporting every `BENCH_OTLP_INTERVAL_MS` (1000; the
@@ -52,7 +57,9 @@ use gmail_sync_testbed::gmail::{Endpoint, QuotaConfig, SimConfig};
 use gmail_sync_testbed::otlp::OtlpReceiver;
 use gmail_sync_testbed::pubsub;
 use std::time::{Duration, Instant};
-use support::{Bed, Rng, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker};
+use support::{
+    Bed, Rng, alloc_count, context_switches, cpu_and_peak_rss, env_or, final_summary, stop_worker,
+};
 
 fn main() -> anyhow::Result<()> {
     support::main(bench)
@@ -196,6 +203,7 @@ async fn bench() -> anyhow::Result<()> {
         ..SimConfig::default()
     };
     let mut bed = Bed::start("bench", sim).await?;
+    let count_allocs = env_or("BENCH_COUNT_ALLOCS", 0u8) == 1;
     let otlp_interval_ms: u64 = env_or("BENCH_OTLP_INTERVAL_MS", 1000);
     let receiver = match env_or("BENCH_OTLP", 0u8) {
         1 => Some(OtlpReceiver::start().await?),
@@ -260,6 +268,15 @@ async fn bench() -> anyhow::Result<()> {
             ("GMAIL_SYNC_QUOTA_TABLE", table.as_str()),
         ];
         worker_env.extend(otlp_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let alloc_file = std::env::temp_dir().join(format!(
+            "gmail-sync-bench-{}-{}.allocs",
+            std::process::id(),
+            phase.name
+        ));
+        let alloc_file_text = alloc_file.display().to_string();
+        if count_allocs {
+            worker_env.push((alloc_count::FILE_VAR, alloc_file_text.as_str()));
+        }
         let worker = bed.spawn_worker(phase.name, &worker_env).await?;
         let exports_before = receiver
             .as_ref()
@@ -269,6 +286,7 @@ async fn bench() -> anyhow::Result<()> {
         let calls_before = ledger_before.calls().len();
         let (cpu_before, _) = cpu_and_peak_rss(worker.pid()).unwrap_or_default();
         let switches_before = context_switches(worker.pid()).unwrap_or_default();
+        let allocs_before = alloc_count::read(&alloc_file);
 
         let started = Instant::now();
         drive(
@@ -290,6 +308,10 @@ async fn bench() -> anyhow::Result<()> {
         let switches = context_switches(worker.pid())
             .unwrap_or_default()
             .saturating_sub(switches_before);
+        let allocs = allocs_before
+            .zip(alloc_count::read(&alloc_file))
+            .map(|(before, after)| after.since(before));
+        let _ = std::fs::remove_file(&alloc_file);
         let ledger = bed.sim.ledger();
         let phase_calls = &ledger.calls()[calls_before..];
         let history_calls = phase_calls
@@ -333,6 +355,19 @@ async fn bench() -> anyhow::Result<()> {
             switches as f64 / received.max(1.0),
             refused,
         );
+        if count_allocs {
+            match allocs {
+                Some(a) => println!(
+                    "  allocations: {:.1} allocs + {:.1} reallocs per notification ({} + {} \
+                     during the traffic and the idle second after it)",
+                    a.allocs as f64 / received.max(1.0),
+                    a.reallocs as f64 / received.max(1.0),
+                    a.allocs,
+                    a.reallocs
+                ),
+                None => println!("  allocations: the worker published no counts"),
+            }
+        }
         if let Some(r) = &receiver {
             println!(
                 "  OTLP: {} exports, {:.1} KiB of protobuf; last changes.written {} (the worker \

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each example uses a different part
 
+pub mod alloc_count;
+
 use gmail_sync::mailbox::Mailbox;
 use gmail_sync_testbed::bed::{Options, RedisChoice, Testbed, WorkerProcess};
 use gmail_sync_testbed::gmail::SimConfig;
@@ -43,6 +45,7 @@ fn run_worker_if_asked() {
         Some(n) => gmail_sync::cli::RuntimeShape::Workers(n),
         None => gmail_sync::cli::RUNTIME_SHAPE,
     };
+    alloc_count::publish_if_asked();
     let runtime = gmail_sync::cli::runtime(shape).unwrap();
     let cli = <gmail_sync::cli::Cli as clap::Parser>::parse_from(["gmail-sync", "run"]);
     let code = runtime.block_on(gmail_sync::cli::execute(cli));
