@@ -477,6 +477,14 @@ fn ack_covered<A>(
     reason: AckReason,
     out: &mut Vec<Effect<A>>,
 ) {
+    // The usual case: the commit covers every waiter, and the list itself becomes the ack
+    // batch (partitioning it built a new list per sync).
+    if waiters.iter().all(|w| w.history_id <= cursor) {
+        if !waiters.is_empty() {
+            out.push(Effect::Ack(std::mem::take(waiters), reason));
+        }
+        return;
+    }
     let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(waiters)
         .into_iter()
         .partition(|w| w.history_id <= cursor);
