@@ -11,15 +11,17 @@
 //! recorded only while an export is attached ([`Counters::attach`]).
 
 pub(crate) mod otlp;
+mod span_fields;
 
 use crate::gmail::Method;
 use serde_json::{Map, Value};
+use span_fields::SpanJsonFields;
 use std::fmt;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -38,7 +40,7 @@ pub fn init_logging(target: LogTarget) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .fmt_fields(JsonFields::new())
+        .fmt_fields(SpanJsonFields)
         .event_format(CloudLoggingJson);
     let _ = match target {
         LogTarget::Stdout => builder.with_writer(std::io::stdout).try_init(),
@@ -544,7 +546,7 @@ mod tests {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
-            .fmt_fields(JsonFields::new())
+            .fmt_fields(SpanJsonFields)
             .event_format(CloudLoggingJson)
             .with_writer(move || writer.clone())
             .finish();
