@@ -529,8 +529,9 @@ pub fn log_summary(counters: &Counters, message: &str) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn log_lines_carry_cloud_logging_fields_and_span_fields() {
+    /// The log lines `body` writes, formatted as [`init_logging`]'s logger formats them (into
+    /// memory, with no filter), one JSON value per line.
+    pub(super) fn log_lines(body: impl FnOnce()) -> Vec<Value> {
         use std::sync::{Arc, Mutex};
         #[derive(Clone, Default)]
         struct Buffer(Arc<Mutex<Vec<u8>>>);
@@ -550,12 +551,20 @@ mod tests {
             .event_format(CloudLoggingJson)
             .with_writer(move || writer.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, body);
+        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn log_lines_carry_cloud_logging_fields_and_span_fields() {
+        let lines = log_lines(|| {
             let span = tracing::info_span!("sync", mailbox = "abc", from = 7u64);
             span.in_scope(|| tracing::warn!(changes = 3u64, "sync failed, will retry"));
         });
-        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let line: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        let line = &lines[0];
         assert_eq!(line["severity"], "WARNING");
         assert_eq!(line["message"], "sync failed, will retry");
         assert_eq!(line["mailbox"], "abc");

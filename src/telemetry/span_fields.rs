@@ -215,39 +215,12 @@ impl fmt::Write for Escaped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::tests::log_lines;
     use serde_json::{Value, json};
-    use std::sync::{Arc, Mutex};
-
-    /// The fields of every span the subscriber opened and closed, as the layer stored them.
-    fn spans_of(body: impl FnOnce()) -> Vec<Value> {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .fmt_fields(SpanJsonFields)
-            .event_format(super::super::CloudLoggingJson)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, body);
-        let out = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        out.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
 
     #[test]
     fn span_fields_reach_the_lines_inside_as_json_values() {
-        let lines = spans_of(|| {
+        let lines = log_lines(|| {
             let span = tracing::info_span!(
                 "sync",
                 mailbox = %"a\"b\\c\nd\u{1}é",
@@ -278,7 +251,7 @@ mod tests {
     #[test]
     fn fields_recorded_later_join_the_object_and_long_values_spill_to_the_heap() {
         let long = "x".repeat(3 * INLINE);
-        let lines = spans_of(|| {
+        let lines = log_lines(|| {
             let span = tracing::info_span!(
                 "sync",
                 from = 1u64,
